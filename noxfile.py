@@ -1,0 +1,125 @@
+"""The one entry point for tests, lint, type checks, builds, benchmarks and the demo.
+
+Every session uses nox's default virtualenv + pip backend on purpose: pip finds the CPU build of
+torch on this machine's disk (``torch==2.13.0``); uv and poetry do not and would download a
+multi-GB CUDA build.
+
+    nox -s tests              # every package's tests, one venv per package
+    nox -s "tests(package='ascend-aclgraph')" -- --backend=cpu
+    nox -s lint typecheck build
+    nox -s bench-aclgraph     # prints a table, saves a plot under bench-results/
+    nox -s demo               # the main job of the README
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+TORCH = "torch==2.13.0"
+
+# dist name -> import name. Order is dependency order: a package may depend on earlier ones.
+PACKAGES: dict[str, str] = {
+    "ascend-aclgraph": "ascend_aclgraph",
+}
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = True
+
+
+def _pkg_dir(dist: str) -> str:
+    return str(ROOT / "packages" / dist)
+
+
+def _install_stack(session: nox.Session, *extras: str) -> None:
+    """Install torch (CPU build, pinned) and every package of the tree with the given extras."""
+    session.install(TORCH)
+    # Siblings are installed from the tree (not PyPI), in dependency order, in one resolve.
+    targets = []
+    for dist in PACKAGES:
+        suffix = f"[{','.join(extras)}]" if extras else ""
+        targets.append(f"{_pkg_dir(dist)}{suffix}")
+    session.install(*targets)
+
+
+def _single_thread_env() -> dict[str, str]:
+    # This machine has 2 noisy cores: CPU timings are taken on one thread.
+    return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# ==== Testing ==================================================================================
+
+
+@nox.session
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """Run one package's test suite (the conformance suite runs on every available backend)."""
+    _install_stack(session, "test")
+    session.run(
+        "pytest",
+        str(ROOT / "packages" / package / "tests"),
+        *session.posargs,
+        env={"PYTHONHASHSEED": "0"},
+    )
+
+
+# ==== Linting and typing =======================================================================
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check over the whole tree."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over every package's source."""
+    _install_stack(session)
+    session.install("mypy")
+    sources = [str(ROOT / "packages" / dist / "src") for dist in PACKAGES]
+    session.run("mypy", *sources)
+
+
+# ==== Packaging ================================================================================
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build an sdist and a wheel of every package and check their metadata."""
+    session.install("build", "twine")
+    out = ROOT / "dist"
+    for dist in PACKAGES:
+        session.run("python", "-m", "build", "--outdir", str(out / dist), _pkg_dir(dist))
+        session.run("twine", "check", "--strict", *map(str, (out / dist).iterdir()))
+
+
+# ==== Demo and benchmarks ======================================================================
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's main job: eager vs graph on a Qwen3-shaped decoder, side by side."""
+    _install_stack(session)
+    session.run("python", "-m", "ascend_aclgraph.demo", *session.posargs)
+
+
+@nox.session(name="bench-aclgraph")
+def bench_aclgraph(session: nox.Session) -> None:
+    """ACLGraph runtime: eager vs replay, capture time, pool bytes, wrapper overhead."""
+    _install_stack(session, "bench")
+    env = _single_thread_env() if not os.environ.get("BENCH_THREADS") else {}
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_aclgraph.py"),
+        "--out",
+        str(ROOT / "bench-results"),
+        *session.posargs,
+        env=env,
+    )

@@ -1,0 +1,154 @@
+"""The backend boundary: everything device-specific the runtime needs, and nothing more.
+
+Generic code (wrappers, padding, the dispatcher, piecewise capture) talks to a
+:class:`GraphBackend` only. Three implementations exist: ``npu`` (torch_npu's ACL graphs),
+``cuda`` (torch.cuda graphs) and ``cpu`` (the semantic twin, which records aten ops and replays
+them on the same storages). They share one contract:
+
+* a graph is captured once, inside :meth:`GraphBackend.capture`, and replayed many times;
+* replay reads the *same* input storages and writes the *same* output storages as capture, so
+  callers copy new inputs into static buffers and read outputs from the captured tensors;
+* host-side arguments (Python ints and lists) are baked into the graph, unless the op was
+  captured as an :class:`~ascend_aclgraph.tasks.UpdatableTask`;
+* all graphs captured into one :class:`GraphPool` may share memory, so at most one of them is
+  replayed at a time and each one's outputs are valid until the next replay in that pool.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ascend_aclgraph.tasks import UpdatableTask
+
+__all__ = ["Graph", "GraphBackend", "GraphPool"]
+
+
+class GraphPool:
+    """Memory shared by the graphs of one runner; subclasses hold the device handle."""
+
+    def __init__(self, handle: Any = None) -> None:
+        self.handle = handle
+        # Device memory the captures added, as measured around each capture.
+        self.captured_bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this pool holds for its graphs."""
+        return self.captured_bytes
+
+
+class Graph:
+    """A captured graph: the backend's native object plus what the runtime tracks about it."""
+
+    def __init__(self, backend: GraphBackend, native: Any, pool: GraphPool) -> None:
+        self.backend = backend
+        self.native = native
+        self.pool = pool
+        self.tasks: list[UpdatableTask] = []
+        self.captured = False
+
+    def replay(self) -> None:
+        """Launch the captured work; outputs land in the tensors produced at capture."""
+        if not self.captured:
+            raise RuntimeError("replay() of a graph that was never captured successfully")
+        self.backend.replay(self)
+
+    def reset(self) -> None:
+        """Release the captured graph; it cannot be replayed afterwards."""
+        self.captured = False
+        self.tasks.clear()
+        self.backend.reset(self)
+
+
+class GraphBackend(abc.ABC):
+    """One device family's graph primitives."""
+
+    name: ClassVar[str]
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Device that captured tensors must live on."""
+
+    @abc.abstractmethod
+    def new_pool(self) -> GraphPool:
+        """A fresh memory pool for a set of graphs that never run concurrently."""
+
+    @abc.abstractmethod
+    def new_graph(self, pool: GraphPool) -> Graph:
+        """An empty graph that will capture into ``pool``."""
+
+    @abc.abstractmethod
+    def _capture(self, graph: Graph) -> contextlib.AbstractContextManager[None]:
+        """Backend-native capture context for ``graph``."""
+
+    @abc.abstractmethod
+    def is_capturing(self) -> bool:
+        """Whether the current stream/thread is capturing a graph of this backend."""
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Wait for all queued device work."""
+
+    @abc.abstractmethod
+    def replay(self, graph: Graph) -> None:
+        """Launch ``graph`` (already captured)."""
+
+    @abc.abstractmethod
+    def reset(self, graph: Graph) -> None:
+        """Free the native graph object."""
+
+    # --- updatable tasks -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def run_updatable(
+        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run ``op`` inside a capture so that its host-side arguments can be rewritten later."""
+
+    @abc.abstractmethod
+    def update_host_args(self, task: UpdatableTask, changes: dict[str, Any]) -> None:
+        """Rewrite host-side (non-tensor) arguments of a captured task for the next replay."""
+
+    # --- shared behaviour ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def capture(self, graph: Graph) -> Iterator[None]:
+        """Capture everything run in the block into ``graph``.
+
+        Host syncs and data-dependent shapes raise :class:`~ascend_aclgraph.errors.CaptureError`
+        naming the user's file and line, on every backend. If the block raises, the graph is
+        reset and never replayed: a broken graph never returns outputs.
+        """
+        from ascend_aclgraph import tasks
+        from ascend_aclgraph.capture_guard import host_sync_methods_refused
+
+        if graph.captured:
+            raise RuntimeError("graph is already captured; reset() it before capturing again")
+        ok = False
+        try:
+            with (
+                host_sync_methods_refused(),
+                tasks.capturing_into(graph),
+                self._capture(graph),
+            ):
+                yield
+            ok = True
+        finally:
+            if ok:
+                graph.captured = True
+            else:
+                graph.reset()
+
+    def memory_reserved(self) -> int:
+        """Bytes the device allocator holds (used to measure what a capture adds)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} device={self.device}>"

@@ -1,0 +1,39 @@
+"""Exception types raised by the graph runtime.
+
+Every error names what went wrong and, where there is one, what the caller should do instead.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AclGraphError",
+    "BackendUnavailableError",
+    "CaptureError",
+    "CaptureSizeError",
+    "GraphInputError",
+    "TaskUpdateError",
+]
+
+
+class AclGraphError(RuntimeError):
+    """Base class of every error raised by ``ascend_aclgraph``."""
+
+
+class BackendUnavailableError(AclGraphError):
+    """The requested graph backend cannot run here (missing package, driver or device)."""
+
+
+class CaptureError(AclGraphError):
+    """Something inside a graph capture cannot be captured (host sync, data-dependent shape, ...)."""
+
+
+class CaptureSizeError(AclGraphError, ValueError):
+    """A capture-size list or a batch size is invalid."""
+
+
+class GraphInputError(AclGraphError, ValueError):
+    """Inputs given to a captured graph do not match what was captured."""
+
+
+class TaskUpdateError(AclGraphError, ValueError):
+    """An updatable task cannot be rewritten with the given arguments."""

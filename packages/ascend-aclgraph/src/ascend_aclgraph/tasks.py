@@ -1,0 +1,202 @@
+"""Updatable tasks: captured ops whose host-side arguments are rewritten for each replay.
+
+On an NPU, attention kernels such as ``npu_fused_infer_attention_score`` take the sequence
+lengths as host ``int[]`` arguments. The host computes the kernel's tiling from them at launch,
+so a captured graph replays with the lengths of the step it was captured on. Copying new values
+into static *device* buffers cannot fix that. ACL graphs solve it with task groups: the op is
+captured inside ``graph_task_group_begin/end`` and, before each replay, re-issued with new
+arguments between ``graph_task_update_begin/end`` on an update stream, which rewrites the task
+in place.
+
+This module is the device-generic face of that mechanism::
+
+    out = ascend_aclgraph.updatable(attention_op, q, k, v, seq_lens=lens)   # inside the model
+    ...
+    for task in graph.tasks:                                                # before replay
+        task.update(seq_lens=new_lens)
+
+Outside a capture, :func:`updatable` simply calls the op. Tensor arguments given to
+:meth:`UpdatableTask.update` are copied into the captured tensor (the device-buffer way, valid
+on every backend); host values are rewritten by the backend: a real task update on NPU, a
+rewrite of the recorded op on the CPU twin, and an error on CUDA, where the device-buffer way
+is the only one (pass the value as a device tensor instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ascend_aclgraph.errors import TaskUpdateError
+
+if TYPE_CHECKING:
+    from ascend_aclgraph.backends.base import Graph
+
+__all__ = ["UpdatableTask", "capturing_into", "current_capture", "task_overrides", "updatable"]
+
+_state = threading.local()
+
+
+def current_capture() -> Graph | None:
+    """The graph this thread is capturing into, if any."""
+    return getattr(_state, "graph", None)
+
+
+@contextlib.contextmanager
+def capturing_into(graph: Graph) -> Iterator[None]:
+    previous = current_capture()
+    _state.graph = graph
+    try:
+        yield
+    finally:
+        _state.graph = previous
+
+
+@contextlib.contextmanager
+def task_overrides(values: dict[str, Any]) -> Iterator[None]:
+    """Within the block, :func:`updatable` calls take these keyword values instead of their own.
+
+    This keeps the eager fallback path and the graph path in step: a caller that rewrites
+    ``seq_lens`` of every task before a replay gets the same values applied when the batch runs
+    eagerly instead.
+    """
+    previous = getattr(_state, "overrides", None)
+    _state.overrides = {**(previous or {}), **values}
+    try:
+        yield
+    finally:
+        _state.overrides = previous
+
+
+def _argument_names(op: Callable[..., Any]) -> list[str] | None:
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        packet_default = getattr(op, "default", None)
+        schema = getattr(packet_default, "_schema", None)
+    if schema is None:
+        return None
+    return [a.name for a in schema.arguments]
+
+
+class UpdatableTask:
+    """One captured op call whose arguments can be changed between replays."""
+
+    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.op = op
+        self.args = args
+        self.kwargs = dict(kwargs)
+        self.arg_names = _argument_names(op)
+        # Backend-specific state: the twin's op record, the NPU task-group handle and event.
+        self.handle: Any = None
+        self.event: Any = None
+        self.updated_since_replay = False
+
+    def current(self, name: str) -> Any:
+        """The value argument ``name`` has now (as captured, or as last updated)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if self.arg_names is not None and name in self.arg_names:
+            pos = self.arg_names.index(name)
+            if pos < len(self.args):
+                return self.args[pos]
+        raise TaskUpdateError(
+            f"{self.describe()} has no argument {name!r}; its arguments are: "
+            f"{', '.join(self.known_names())}"
+        )
+
+    def known_names(self) -> list[str]:
+        if self.arg_names is not None:
+            return list(self.arg_names)
+        return sorted(self.kwargs)
+
+    def describe(self) -> str:
+        return f"updatable task {getattr(self.op, '__name__', self.op)!s}"
+
+    def update(self, **changes: Any) -> None:
+        """Rewrite arguments for the next replay.
+
+        Tensors are copied into the captured tensor (same shape and dtype required). Host
+        values (ints, floats, lists) are rewritten in the captured task by the backend.
+        """
+        if current_capture() is not None:
+            raise TaskUpdateError("tasks cannot be updated while a graph is being captured")
+        host_changes: dict[str, Any] = {}
+        for name, value in changes.items():
+            old = self.current(name)
+            if isinstance(old, torch.Tensor):
+                if not isinstance(value, torch.Tensor):
+                    raise TaskUpdateError(
+                        f"argument {name!r} of {self.describe()} was captured as a tensor; "
+                        f"update it with a tensor of shape {tuple(old.shape)}, got {type(value).__name__}"
+                    )
+                if value.shape != old.shape or value.dtype != old.dtype:
+                    raise TaskUpdateError(
+                        f"argument {name!r} of {self.describe()} was captured as "
+                        f"{tuple(old.shape)}/{old.dtype}; got {tuple(value.shape)}/{value.dtype}"
+                    )
+                old.copy_(value)
+            else:
+                if isinstance(value, torch.Tensor):
+                    raise TaskUpdateError(
+                        f"argument {name!r} of {self.describe()} is a host value; give a "
+                        f"{type(old).__name__}, not a tensor"
+                    )
+                if isinstance(old, (list, tuple)) and (
+                    not isinstance(value, (list, tuple)) or len(value) != len(old)
+                ):
+                    raise TaskUpdateError(
+                        f"argument {name!r} of {self.describe()} was captured with "
+                        f"{len(old)} values; an update must keep that length (pad the batch), "
+                        f"got {value!r}"
+                    )
+                host_changes[name] = value
+        if host_changes:
+            graph = self.graph
+            graph.backend.update_host_args(self, host_changes)
+            for name, value in host_changes.items():
+                self._store(name, value)
+        self.updated_since_replay = True
+
+    def _store(self, name: str, value: Any) -> None:
+        if name in self.kwargs or self.arg_names is None:
+            self.kwargs[name] = value
+            return
+        pos = self.arg_names.index(name)
+        if pos < len(self.args):
+            args = list(self.args)
+            args[pos] = value
+            self.args = tuple(args)
+        else:
+            self.kwargs[name] = value
+
+    graph: Graph
+
+
+def updatable(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``op``; inside a capture, capture it as an :class:`UpdatableTask` of that graph.
+
+    ``op`` must dispatch as a single operator (an aten op, or a custom op registered with
+    ``torch.library``), because that operator is the task that gets rewritten.
+    """
+    overrides = getattr(_state, "overrides", None)
+    if overrides:
+        names = _argument_names(op)
+        kwargs = dict(kwargs)
+        for name, value in overrides.items():
+            if name in kwargs:
+                kwargs[name] = value
+            elif names is not None and name in names and names.index(name) < len(args):
+                pos = names.index(name)
+                args = (*args[:pos], value, *args[pos + 1 :])
+    graph = current_capture()
+    if graph is None:
+        return op(*args, **kwargs)
+    task = UpdatableTask(op, args, kwargs)
+    task.graph = graph
+    result = graph.backend.run_updatable(task, op, args, kwargs)
+    graph.tasks.append(task)
+    return result

@@ -94,6 +94,11 @@ class CapturedCallable:
         self._dims = self._batch_dims(dynamic_dim)
         self._static = self._make_static_buffers()
         self._entries: dict[int, _SizeEntry] = {}
+        # Views of the static buffers and outputs per batch size, made once: slicing a tensor
+        # costs as much as a small kernel launch, and these are on every call's path.
+        self._input_views: dict[int, list[torch.Tensor | None]] = {}
+        self._pad_views: dict[int, list[torch.Tensor | None]] = {}
+        self._output_views: dict[int, list[Any]] = {}
         self._warned_failure = False
         self._capture_all(num_warmups, progress)
 
@@ -261,9 +266,40 @@ class CapturedCallable:
                     f"argument {i}: captured non-batch shape {tuple(expected)} and dtype "
                     f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
                 )
-            static.narrow(dim, 0, n).copy_(arg)
+            self._input_view(n, i).copy_(arg)
             if size > n and self.pad_value is not None:
-                static.narrow(dim, n, size - n).fill_(self.pad_value)
+                self._pad_view(n, size, i).fill_(self.pad_value)
+
+    def _input_view(self, n: int, i: int) -> torch.Tensor:
+        views = self._input_views.get(n)
+        if views is None:
+            views = self._input_views[n] = [
+                None if d is None else s.narrow(d, 0, n)
+                for s, d in zip(self._static, self._dims, strict=True)
+            ]
+        view = views[i]
+        assert view is not None
+        return view
+
+    def _pad_view(self, n: int, size: int, i: int) -> torch.Tensor:
+        views = self._pad_views.get(n)
+        if views is None:
+            views = self._pad_views[n] = [
+                None if d is None else s.narrow(d, n, size - n)
+                for s, d in zip(self._static, self._dims, strict=True)
+            ]
+        view = views[i]
+        assert view is not None
+        return view
+
+    def _outputs_for(self, n: int, entry: _SizeEntry) -> list[Any]:
+        outs = self._output_views.get(n)
+        if outs is None:
+            outs = self._output_views[n] = [
+                t.narrow(0, 0, n) if b else t
+                for t, b in zip(entry.flat_outputs, entry.batched, strict=True)
+            ]
+        return outs
 
     def __call__(self, *args: Any, task_args: dict[str, Any] | None = None) -> Any:
         """Run one batch: replay the graph of the next capture size up, or run eagerly.
@@ -287,11 +323,9 @@ class CapturedCallable:
                 update_graph_tasks(graph, _pad_task_args(task_args, n, entry.size))
             graph.replay()
             self.stats.replays += 1
-            outs = [
-                (t.narrow(0, 0, n) if b else t).clone() if self.clone_outputs else
-                (t.narrow(0, 0, n) if b else t)
-                for t, b in zip(entry.flat_outputs, entry.batched, strict=True)
-            ]
+            outs = self._outputs_for(n, entry)
+            if self.clone_outputs:
+                outs = [t.clone() if isinstance(t, torch.Tensor) else t for t in outs]
             assert entry.spec is not None
             return tree_unflatten(outs, entry.spec)
 

@@ -49,8 +49,7 @@ class TwinGraph:
         program = self.program
         if program is None:
             raise RuntimeError("replay() of a twin graph that holds no captured program")
-        with torch.no_grad():
-            program.replay()
+        program.replay()
 
 
 class CpuTwinBackend(GraphBackend):

@@ -238,10 +238,11 @@ def _explain(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         f"{'split' if args.attention_split else 'not split'}",
         f"decode query:    {args.uniform_decode_query_len} token(s) per request"
         + (" (speculative decoding)" if args.uniform_decode_query_len > 1 else ""),
-        f"context parallel: {'yes' if args.context_parallel else 'no'}; "
-        f"encoder-decoder: {'yes' if args.encoder_decoder else 'no'}; "
-        f"max_num_seqs: {args.max_num_seqs}",
-        f"capture sizes:   {len(dispatcher.capture_sizes)}, up to {dispatcher.max_capture_size}",
+        f"model:           context parallel {'yes' if args.context_parallel else 'no'}, "
+        f"encoder-decoder {'yes' if args.encoder_decoder else 'no'}, "
+        f"max_num_seqs {args.max_num_seqs}",
+        f"capture sizes:   {len(dispatcher.capture_sizes)} sizes, "
+        f"{dispatcher.capture_sizes.sizes[0]} to {dispatcher.max_capture_size}",
         "narrowing:" if reasons else "narrowing:       none, the requested mode runs as is",
     ]
     lines += [f"  {i}. {reason}" for i, reason in enumerate(reasons, 1)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from ascend_aclgraph.backends import GraphBackend
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ascend_aclgraph import available_backends, get_backend
 from ascend_aclgraph.backends import BACKEND_NAMES, GraphBackend
 from ascend_aclgraph.errors import BackendUnavailableError
@@ -30,7 +29,9 @@ def _requested(config: pytest.Config) -> list[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in BACKEND_NAMES]
     if bad:
-        raise pytest.UsageError(f"--backend: unknown {bad}; accepted: all, {', '.join(BACKEND_NAMES)}")
+        raise pytest.UsageError(
+            f"--backend: unknown {bad}; accepted: all, {', '.join(BACKEND_NAMES)}"
+        )
     return names
 
 

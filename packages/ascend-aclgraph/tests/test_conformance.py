@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import ascend_aclgraph as ag
 import pytest
 import torch
 from aclgraph_helpers import assert_same, rand
-
-import ascend_aclgraph as ag
 from ascend_aclgraph.backends import GraphBackend
 
 
@@ -76,9 +75,11 @@ def test_host_item_in_capture_names_user_line(backend: GraphBackend) -> None:
         return x * scale
 
     graph = backend.new_graph(backend.new_pool())
-    with pytest.raises(ag.CaptureError, match=r"_local_scalar_dense.*test_conformance\.py:\d+"):
-        with backend.capture(graph):
-            f(rand(backend, 4))
+    with (
+        pytest.raises(ag.CaptureError, match=r"_local_scalar_dense.*test_conformance\.py:\d+"),
+        backend.capture(graph),
+    ):
+        f(rand(backend, 4))
     assert not graph.captured
     with pytest.raises(RuntimeError, match="never captured"):
         graph.replay()
@@ -159,8 +160,9 @@ def test_graphs_in_one_pool_share_memory_largest_first(backend: GraphBackend) ->
 
 def test_concurrent_callers_never_see_each_others_outputs(backend: GraphBackend) -> None:
     w = rand(backend, 16, 16)
-    step = ag.capture(lambda x: torch.tanh(x @ w), (rand(backend, 8, 16),), batch_sizes=[1, 4, 8],
-                      backend=backend)
+    step = ag.capture(
+        lambda x: torch.tanh(x @ w), (rand(backend, 8, 16),), batch_sizes=[1, 4, 8], backend=backend
+    )
     errors: list[str] = []
 
     def worker(seed: int) -> None:

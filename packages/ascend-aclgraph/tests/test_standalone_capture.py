@@ -1,16 +1,15 @@
-"""ascend_aclgraph.capture(): padding, cut-back, eager fallback, input checks, a KV-cache decoder."""
+"""ascend_aclgraph.capture(): padding, cut-back, eager fallback, input checks, KV-cache decoding."""
 
 from __future__ import annotations
 
+import ascend_aclgraph as ag
 import pytest
 import torch
-from aclgraph_helpers import assert_same, rand
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import ascend_aclgraph as ag
+from aclgraph_helpers import assert_same
 from ascend_aclgraph.backends import GraphBackend
 from ascend_aclgraph.testing import Qwen3Config, Qwen3Decoder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 SIZES = [1, 2, 4, 8]
 
@@ -61,9 +60,13 @@ def test_decoder_step_with_kv_cache_matches_eager(backend: GraphBackend) -> None
     assert step.stats.captures == len(SIZES)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(n=st.integers(min_value=1, max_value=12), seed=st.integers(0, 2**16))
-def test_property_graph_equals_eager_below_and_above_max(decoder: Qwen3Decoder, n: int, seed: int) -> None:
+def test_property_graph_equals_eager_below_and_above_max(
+    decoder: Qwen3Decoder, n: int, seed: int
+) -> None:
     step = _cached_step(decoder)
     gen = torch.Generator().manual_seed(seed)
     tok = torch.randint(0, 256, (n,), generator=gen)
@@ -84,16 +87,19 @@ _steps: dict[int, ag.CapturedCallable] = {}
 def _cached_step(model: Qwen3Decoder) -> ag.CapturedCallable:
     if id(model) not in _steps:
         _steps[id(model)] = ag.capture(
-            model, (torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)),
-            batch_sizes=SIZES, backend="cpu",
+            model,
+            (torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)),
+            batch_sizes=SIZES,
+            backend="cpu",
         )
     return _steps[id(model)]
 
 
 def test_stats_and_pool_accounting() -> None:
     w = torch.randn(16, 16)
-    step = ag.capture(lambda x: (x @ w).relu() @ w, (torch.randn(4, 16),), batch_sizes=[4, 1, 2, 2],
-                      backend="cpu")
+    step = ag.capture(
+        lambda x: (x @ w).relu() @ w, (torch.randn(4, 16),), batch_sizes=[4, 1, 2, 2], backend="cpu"
+    )
     assert step.sizes == [1, 2, 4]
     assert step.stats.captures == 3
     assert set(step.stats.capture_seconds_by_size) == {1, 2, 4}
@@ -118,8 +124,9 @@ def test_outputs_not_batched_are_returned_whole_and_tuples_keep_structure() -> N
 
 
 def test_clone_outputs_false_returns_views_overwritten_by_next_call() -> None:
-    step = ag.capture(lambda x: x * 2, (torch.randn(4, 3),), batch_sizes=[4], backend="cpu",
-                      clone_outputs=False)
+    step = ag.capture(
+        lambda x: x * 2, (torch.randn(4, 3),), batch_sizes=[4], backend="cpu", clone_outputs=False
+    )
     first = step(torch.ones(4, 3))
     step(torch.zeros(4, 3))
     assert torch.equal(first, torch.zeros(4, 3))  # documented: valid until the next call
@@ -134,8 +141,13 @@ def test_static_tensor_arguments_are_copied_and_host_values_checked() -> None:
         return x * scale + bias
 
     bias = torch.randn(3)
-    step = ag.capture(f, (torch.randn(2, 3), bias, 2.0), batch_sizes=[2], dynamic_dim=[0, None, None],
-                      backend="cpu")
+    step = ag.capture(
+        f,
+        (torch.randn(2, 3), bias, 2.0),
+        batch_sizes=[2],
+        dynamic_dim=[0, None, None],
+        backend="cpu",
+    )
     x = torch.randn(2, 3)
     other = torch.randn(3)
     assert torch.equal(step(x, other, 2.0), x * 2.0 + other)
@@ -166,8 +178,9 @@ def test_bad_arguments_are_clear_errors(kwargs: dict[str, object], match: str) -
 
 
 def test_call_errors_name_the_problem() -> None:
-    step = ag.capture(lambda x, y: x + y, (torch.randn(2, 3), torch.randn(2, 3)), batch_sizes=[2],
-                      backend="cpu")
+    step = ag.capture(
+        lambda x, y: x + y, (torch.randn(2, 3), torch.randn(2, 3)), batch_sizes=[2], backend="cpu"
+    )
     with pytest.raises(ag.GraphInputError, match="disagree on the batch size: 2 vs 1"):
         step(torch.randn(2, 3), torch.randn(1, 3))
     with pytest.raises(ag.GraphInputError, match="non-batch shape"):
@@ -185,8 +198,9 @@ def test_capture_failure_policy() -> None:
     with pytest.raises(ag.CaptureError, match="_local_scalar_dense"):
         ag.capture(f, (torch.randn(4, 2),), batch_sizes=[2, 4], backend="cpu")
     with pytest.warns(RuntimeWarning, match="runs eagerly"):
-        step = ag.capture(f, (torch.randn(4, 2),), batch_sizes=[2, 4], backend="cpu",
-                          on_capture_failure="eager")
+        step = ag.capture(
+            f, (torch.randn(4, 2),), batch_sizes=[2, 4], backend="cpu", on_capture_failure="eager"
+        )
     assert step.stats.capture_failures == 1
     assert sorted(step.graphs) == [2]
     x = torch.randn(4, 2)
@@ -196,7 +210,11 @@ def test_capture_failure_policy() -> None:
 
 
 def test_progress_bar_can_be_forced_on(capsys: pytest.CaptureFixture[str]) -> None:
-    ag.capture(lambda x: x + 1, (torch.randn(2, 2),), batch_sizes=[1, 2], backend="cpu", progress=True)
+    ag.capture(
+        lambda x: x + 1, (torch.randn(2, 2),), batch_sizes=[1, 2], backend="cpu", progress=True
+    )
     assert "capturing graphs (cpu)" in capsys.readouterr().err
-    ag.capture(lambda x: x + 1, (torch.randn(2, 2),), batch_sizes=[1, 2], backend="cpu", progress=False)
+    ag.capture(
+        lambda x: x + 1, (torch.randn(2, 2),), batch_sizes=[1, 2], backend="cpu", progress=False
+    )
     assert capsys.readouterr().err == ""

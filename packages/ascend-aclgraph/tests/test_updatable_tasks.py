@@ -7,16 +7,17 @@ attends over the lengths of the captured step (wrong); with the update it is rig
 
 from __future__ import annotations
 
+import ascend_aclgraph as ag
 import pytest
 import torch
 from aclgraph_helpers import assert_same, rand
-
-import ascend_aclgraph as ag
 from ascend_aclgraph.backends import GraphBackend
 
 
 @torch.library.custom_op("aclgraph_test::length_attention", mutates_args=())
-def length_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+def length_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
+) -> torch.Tensor:
     """q: [B, D]; k, v: [B, S, D]; request b attends to its first seq_lens[b] keys."""
     out = torch.empty_like(q)
     for b, n in enumerate(seq_lens):  # host loop over host lengths: why it must be "updatable"
@@ -31,7 +32,9 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) ->
 
 
 @torch.library.custom_op("aclgraph_test::length_attention_dev", mutates_args=())
-def length_attention_dev(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+def length_attention_dev(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor
+) -> torch.Tensor:
     """Device-buffer variant: lengths in a device tensor, read by the kernel (CUDA's way)."""
     positions = torch.arange(k.shape[1], device=k.device)
     mask = positions[None, :] < seq_lens[:, None]
@@ -51,7 +54,9 @@ def _reference(q, k, v, lens):  # type: ignore[no-untyped-def]
 
 def _model(q, k, v, lens):  # type: ignore[no-untyped-def]
     h = q * 2.0
-    return ag.updatable(torch.ops.aclgraph_test.length_attention.default, h, k, v, seq_lens=lens) + 1
+    return (
+        ag.updatable(torch.ops.aclgraph_test.length_attention.default, h, k, v, seq_lens=lens) + 1
+    )
 
 
 def test_host_lengths_need_the_update_on_the_twin() -> None:
@@ -83,7 +88,7 @@ def test_update_validates_names_lengths_and_kinds() -> None:
     with backend.capture(graph):
         graph.declare_outputs([_model(q, k, v, [1, 2])])
     task = graph.tasks[0]
-    with pytest.raises(ag.TaskUpdateError, match="no argument 'lens'.*seq_lens"):
+    with pytest.raises(ag.TaskUpdateError, match=r"no argument 'lens'.*seq_lens"):
         task.update(lens=[1, 1])
     with pytest.raises(ag.TaskUpdateError, match="keep that length"):
         task.update(seq_lens=[1, 2, 3])
@@ -142,5 +147,7 @@ def test_capture_api_task_args_pad_and_match_eager() -> None:
     # Above the largest size the batch runs eagerly; the overrides apply there too.
     q6 = rand(backend, 6, 8)
     lens6 = [1, 2, 3, 4, 5, 6]
-    assert torch.equal(captured(q6, task_args={"seq_lens": lens6}), _reference(q6 * 2.0, k[:6], v[:6], lens6) + 1)
+    assert torch.equal(
+        captured(q6, task_args={"seq_lens": lens6}), _reference(q6 * 2.0, k[:6], v[:6], lens6) + 1
+    )
     assert captured.stats.eager_fallbacks == 1

@@ -83,7 +83,9 @@ class CapturedCallable:
             raise ValueError(f"num_warmups must be an int >= 0, got {num_warmups!r}")
         self.fn = fn
         self.backend = get_backend(backend)
-        self.sizes = batch_sizes if isinstance(batch_sizes, CaptureSizes) else CaptureSizes(batch_sizes)
+        self.sizes = (
+            batch_sizes if isinstance(batch_sizes, CaptureSizes) else CaptureSizes(batch_sizes)
+        )
         self.pad_value = pad_value
         self.clone_outputs = clone_outputs
         self.on_capture_failure = on_capture_failure
@@ -115,7 +117,8 @@ class CapturedCallable:
         else:
             raise GraphInputError(
                 "dynamic_dim must be an int (the batch dim of every tensor argument) or a list "
-                f"with one entry (int or None) per sample argument ({len(args)}), got {dynamic_dim!r}"
+                f"with one entry (int or None) per sample argument ({len(args)}), "
+                f"got {dynamic_dim!r}"
             )
         batch = None
         for i, (arg, dim) in enumerate(zip(args, dims, strict=True)):
@@ -204,9 +207,7 @@ class CapturedCallable:
                 )
             return _SizeEntry(size, None, [], None, [])
         flat, spec = tree_flatten(captured.outputs)
-        batched = [
-            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat
-        ]
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat]
         self.stats.captures += 1
         self.stats.capture_seconds += captured.seconds
         self.stats.capture_seconds_by_size[size] = captured.seconds

@@ -13,6 +13,7 @@ be captured as one graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen3Attention(nn.Module):
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
     def __init__(self, cfg: Qwen3Config) -> None:
         super().__init__()
         self.cfg = cfg
@@ -111,7 +115,7 @@ class Qwen3Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :], enable_gqa=True
         )
-        return self.o_proj(out.reshape(b, cfg.num_heads * cfg.head_dim))
+        return cast(torch.Tensor, self.o_proj(out.reshape(b, cfg.num_heads * cfg.head_dim)))
 
 
 class Qwen3MLP(nn.Module):
@@ -122,7 +126,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return cast(torch.Tensor, self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -148,6 +152,8 @@ class Qwen3DecoderLayer(nn.Module):
 
 class Qwen3Decoder(nn.Module):
     """A decode step of a Qwen3-shaped model over a per-row KV cache (module docstring)."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, cfg: Qwen3Config, *, seed: int = 0) -> None:
         super().__init__()
@@ -176,31 +182,36 @@ class Qwen3Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``tokens``: [B] ids (with a vocab) or [B, hidden]; ``positions``: [B] int64."""
-        hidden = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        hidden: torch.Tensor = (
+            self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
+        )
         freqs = positions[:, None].to(torch.float32) * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos()[:, None, :].to(hidden.dtype)
         sin = emb.sin()[:, None, :].to(hidden.dtype)
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             hidden = layer(hidden, positions, cos, sin)
         hidden = self.norm(hidden)
-        return self.lm_head(hidden) if self.lm_head is not None else hidden
+        return cast(torch.Tensor, self.lm_head(hidden)) if self.lm_head is not None else hidden
+
+    def decoder_layers(self) -> list[Qwen3DecoderLayer]:
+        return [cast(Qwen3DecoderLayer, layer) for layer in self.layers]
 
     def reset_cache(self) -> None:
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             layer.self_attn.k_cache.zero_()
             layer.self_attn.v_cache.zero_()
 
     def cache_state(self) -> list[torch.Tensor]:
         """Clones of every KV cache (to compare eager and graph runs)."""
         out = []
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             out += [layer.self_attn.k_cache.clone(), layer.self_attn.v_cache.clone()]
         return out
 
     def load_cache_state(self, state: list[torch.Tensor]) -> None:
         caches = []
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             caches += [layer.self_attn.k_cache, layer.self_attn.v_cache]
         for dst, src in zip(caches, state, strict=True):
             dst.copy_(src)

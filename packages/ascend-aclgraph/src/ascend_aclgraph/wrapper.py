@@ -55,7 +55,11 @@ class GraphOptions:
     on_capture_failure: FailurePolicy = "raise"
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_warmups, bool) or not isinstance(self.num_warmups, int) or self.num_warmups < 0:
+        if (
+            isinstance(self.num_warmups, bool)
+            or not isinstance(self.num_warmups, int)
+            or self.num_warmups < 0
+        ):
             raise ValueError(f"num_warmups must be an int >= 0, got {self.num_warmups!r}")
         if self.on_capture_failure not in ("raise", "eager"):
             raise ValueError(
@@ -93,7 +97,8 @@ class GraphWrapper:
     ) -> None:
         if runtime_mode not in (GraphMode.PIECEWISE, GraphMode.FULL):
             raise ValueError(
-                f"a GraphWrapper captures in runtime mode PIECEWISE or FULL, not {runtime_mode.name}"
+                "a GraphWrapper captures in runtime mode PIECEWISE or FULL, "
+                f"not {runtime_mode.name}"
             )
         self.runnable = runnable
         self.runtime_mode = runtime_mode

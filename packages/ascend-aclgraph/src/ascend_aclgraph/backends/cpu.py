@@ -70,7 +70,9 @@ class CpuTwinBackend(GraphBackend):
 
     def new_graph(self, pool: GraphPool) -> Graph:
         if not isinstance(pool, _CpuGraphPool):
-            raise TypeError(f"the cpu backend needs a pool from CpuTwinBackend.new_pool(), got {pool!r}")
+            raise TypeError(
+                f"the cpu backend needs a pool from CpuTwinBackend.new_pool(), got {pool!r}"
+            )
         return Graph(self, TwinGraph(), pool)
 
     @contextlib.contextmanager
@@ -114,7 +116,11 @@ class CpuTwinBackend(GraphBackend):
         graph.native.outputs = None
 
     def run_updatable(
-        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+        self,
+        task: UpdatableTask,
+        op: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
     ) -> Any:
         recorder = task.graph.native.recorder
         if recorder is None:

@@ -62,9 +62,9 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-class _FirstOp(TorchDispatchMode):
+class _FirstOp(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ops: list[torch._ops.OpOverload] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -102,7 +102,7 @@ def fast_binding(
         try:
             with probe:
                 candidate(*meta_args, **meta_kwargs)
-        except Exception:  # noqa: BLE001 - any failure just means "not this binding"
+        except Exception:
             continue
         if probe.ops[:1] == [func] and len(probe.ops) == 1:
             chosen = candidate
@@ -177,7 +177,9 @@ def generate_replay(records: Sequence[OpRecord]) -> tuple[Callable[[], None], st
             out_names = [a.name for a in out_func._schema.arguments if a.is_out]
             out_kwargs = {n: rec.outputs[i] for i, n in enumerate(out_names)}
             fn = namer.bind(
-                out_func._op if rec.updatable else fast_binding(out_func, rec.args, {**rec.kwargs, **out_kwargs}),
+                out_func._op
+                if rec.updatable
+                else fast_binding(out_func, rec.args, {**rec.kwargs, **out_kwargs}),
                 "op",
             )
             outs = [f"{n}={namer.bind(rec.outputs[i], 't')}" for i, n in enumerate(out_names)]

@@ -22,13 +22,14 @@ import gc
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
 
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.twin.codegen import generate_replay
-from ascend_aclgraph.twin.recorder import OpRecord, iter_tensors, storage_key
+from ascend_aclgraph.twin.recorder import OpRecord, storage_key
 
 __all__ = ["TwinPool", "TwinProgram", "build_program"]
 
@@ -93,8 +94,7 @@ def _select_replayed(records: Sequence[OpRecord], internal: dict[int, Any]) -> l
             rec.updatable
             or torch.Tag.nondeterministic_seeded in rec.func.tags
             or any(
-                k not in internal or k in dynamic_keys
-                for k in map(storage_key, rec.read_tensors())
+                k not in internal or k in dynamic_keys for k in map(storage_key, rec.read_tensors())
             )
         )
         if is_dynamic:
@@ -154,11 +154,11 @@ def _held_from_outside(
         return set()
     wanted = {id(t): k for k in candidates for t in tensors_by_key[k]}
     own_frames = set()
-    frame = sys._getframe()
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
         if frame.f_code.co_filename.startswith(__file__.rsplit("twin", 1)[0]):
             own_frames.add(id(frame))
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     held: set[int] = set()
     for referrer in gc.get_referrers(*objects):
         if id(referrer) in ours or id(referrer) in own_frames or referrer is objects:
@@ -255,8 +255,10 @@ def _plan_and_rebind(
         best = None
         for b, until in enumerate(busy_until):
             size = pool.blocks[b].nbytes()
-            if until < first[k] and size >= need and (
-                best is None or size < pool.blocks[best].nbytes()
+            if (
+                until < first[k]
+                and size >= need
+                and (best is None or size < pool.blocks[best].nbytes())
             ):
                 best = b
         if best is None:

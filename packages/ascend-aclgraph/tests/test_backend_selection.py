@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import ascend_aclgraph as ag
 import pytest
 import torch
-
-import ascend_aclgraph as ag
 
 
 def test_cpu_always_available_and_shared() -> None:

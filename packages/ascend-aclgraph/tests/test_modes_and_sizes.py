@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import ascend_aclgraph as ag
+import pytest
 from ascend_aclgraph import BatchDescriptor, CaptureSizes, GraphMode
 
 
@@ -12,10 +11,14 @@ def test_vllm_default_capture_sizes() -> None:
     sizes = ag.default_capture_sizes(512)
     assert sizes[:4] == [1, 2, 4, 8]
     assert sizes[4:7] == [16, 24, 32]
-    assert 248 in sizes and 256 in sizes and 264 not in sizes and 272 in sizes
+    assert 248 in sizes
+    assert 256 in sizes
+    assert 264 not in sizes
+    assert 272 in sizes
     assert sizes[-1] == 512
     assert all(
-        b - a == 16 for a, b in zip(sizes[sizes.index(256) :], sizes[sizes.index(256) + 1 :])
+        b - a == 16
+        for a, b in zip(sizes[sizes.index(256) :], sizes[sizes.index(256) + 1 :], strict=False)
     )
     assert ag.default_capture_sizes(100)[-1] == 96
     assert ag.default_capture_sizes(3) == [1, 2]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import ascend_aclgraph as ag
 import pytest
 import torch
 from aclgraph_helpers import assert_same, rand
-
-import ascend_aclgraph as ag
 from ascend_aclgraph.backends import GraphBackend
 
 
@@ -48,7 +47,8 @@ def test_each_descriptor_gets_its_own_graph(backend: GraphBackend) -> None:
         with ag.graph_context(ag.GraphMode.PIECEWISE, ag.BatchDescriptor(n)):
             wrapper(x)
     assert set(wrapper.entries) == {ag.BatchDescriptor(4), ag.BatchDescriptor(2)}
-    assert wrapper.stats.captures == 2 and wrapper.stats.replays == 2
+    assert wrapper.stats.captures == 2
+    assert wrapper.stats.replays == 2
     assert wrapper.stats.pool_bytes == wrapper.pool.nbytes
 
 
@@ -63,18 +63,23 @@ def test_other_runtime_modes_pass_through(backend: GraphBackend) -> None:
         wrapper(x)
     with ag.graph_context(ag.GraphMode.NONE):
         wrapper(x)
-    assert model.calls == 3 and not wrapper.entries
+    assert model.calls == 3
+    assert not wrapper.entries
 
 
 def test_bad_modes_are_rejected() -> None:
     with pytest.raises(ValueError, match="PIECEWISE or FULL"):
         ag.GraphWrapper(lambda x: x, ag.GraphMode.FULL_AND_PIECEWISE, backend="cpu")
-    with pytest.raises(ValueError, match="runtime mode"):
-        with ag.graph_context(ag.GraphMode.FULL_DECODE_ONLY, ag.BatchDescriptor(1)):
-            pass
-    with pytest.raises(ValueError, match="needs a BatchDescriptor"):
-        with ag.graph_context(ag.GraphMode.FULL):
-            pass
+    with (
+        pytest.raises(ValueError, match="runtime mode"),
+        ag.graph_context(ag.GraphMode.FULL_DECODE_ONLY, ag.BatchDescriptor(1)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="needs a BatchDescriptor"),
+        ag.graph_context(ag.GraphMode.FULL),
+    ):
+        pass
     with pytest.raises(ValueError, match="num_warmups"):
         ag.GraphOptions(num_warmups=-1)
 
@@ -104,7 +109,8 @@ def test_failure_policy_raise_and_eager(backend: GraphBackend) -> None:
         second = eager(x)
     assert_same(first, x * x.max(), backend)
     assert_same(second, x * x.max(), backend)
-    assert eager.stats.capture_failures == 1 and eager.stats.captures == 0
+    assert eager.stats.capture_failures == 1
+    assert eager.stats.captures == 0
 
 
 def test_weak_ref_outputs_view_the_same_memory(backend: GraphBackend) -> None:
@@ -119,7 +125,8 @@ def test_weak_ref_outputs_view_the_same_memory(backend: GraphBackend) -> None:
     with ag.graph_context(ag.GraphMode.FULL, ag.BatchDescriptor(2)):
         strong = wrapper(x)
         weak = wrapper(x)
-    assert weak is not strong and weak.data_ptr() == strong.data_ptr()
+    assert weak is not strong
+    assert weak.data_ptr() == strong.data_ptr()
     x.copy_(rand(backend, 2, 8))
     with ag.graph_context(ag.GraphMode.FULL, ag.BatchDescriptor(2)):
         wrapper(x)

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         hidden_size=256, num_layers=4, intermediate_size=768, vocab_size=1024, max_seq=64
     )
     model = Qwen3Decoder(cfg).to(backend.device)
+    vocab = cfg.vocab_size
+    assert vocab is not None
     print(
         f"ascend_aclgraph {ag.__version__} demo on backend '{backend.name}' "
         f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s))"
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     gen = torch.Generator().manual_seed(0)
-    start = torch.randint(0, cfg.vocab_size, (args.requests,), generator=gen).to(backend.device)
+    start = torch.randint(0, vocab, (args.requests,), generator=gen).to(backend.device)
     eager_tokens, eager_s = _generate(model, model, start, args.tokens)
     graph_tokens, graph_s = _generate(graph_step, model, start, args.tokens)
 

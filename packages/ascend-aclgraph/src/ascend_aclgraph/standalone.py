@@ -17,7 +17,6 @@ import logging
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,15 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from ascend_aclgraph import tasks
 from ascend_aclgraph.backends import GraphBackend, get_backend
 from ascend_aclgraph.capture_sizes import CaptureSizes
-from ascend_aclgraph.errors import CaptureError, GraphInputError
-from ascend_aclgraph.graph_capture import CapturedGraph, capture_callable
+from ascend_aclgraph.errors import GraphInputError
+from ascend_aclgraph.graph_capture import (
+    CapturedGraph,
+    CaptureFailures,
+    FailurePolicy,
+    capture_callable,
+)
 from ascend_aclgraph.stats import GraphStats
-from ascend_aclgraph.wrapper import FailurePolicy, update_graph_tasks
+from ascend_aclgraph.wrapper import update_graph_tasks
 
 __all__ = ["CapturedCallable", "capture"]
 
@@ -75,10 +79,6 @@ class CapturedCallable:
         on_capture_failure: FailurePolicy,
         progress: bool | None,
     ) -> None:
-        if on_capture_failure not in ("raise", "eager"):
-            raise ValueError(
-                f"on_capture_failure must be 'raise' or 'eager', got {on_capture_failure!r}"
-            )
         if isinstance(num_warmups, bool) or not isinstance(num_warmups, int) or num_warmups < 0:
             raise ValueError(f"num_warmups must be an int >= 0, got {num_warmups!r}")
         self.fn = fn
@@ -88,8 +88,8 @@ class CapturedCallable:
         )
         self.pad_value = pad_value
         self.clone_outputs = clone_outputs
-        self.on_capture_failure = on_capture_failure
         self.stats = GraphStats()
+        self._failures = CaptureFailures(on_capture_failure, self.stats)
         self.pool = self.backend.new_pool()
         self._lock = threading.Lock()
         self._sample_args = tuple(sample_args)
@@ -101,7 +101,6 @@ class CapturedCallable:
         self._input_views: dict[int, list[torch.Tensor | None]] = {}
         self._pad_views: dict[int, list[torch.Tensor | None]] = {}
         self._output_views: dict[int, list[Any]] = {}
-        self._warned_failure = False
         self._capture_all(num_warmups, progress)
 
     # --- construction -----------------------------------------------------------------------
@@ -192,25 +191,11 @@ class CapturedCallable:
                     self.fn(*args)
             captured = capture_callable(self.backend, self.pool, self.fn, args, {})
         except Exception as exc:
-            if self.on_capture_failure == "raise":
-                if isinstance(exc, CaptureError):
-                    raise
-                raise CaptureError(f"capture of batch size {size} failed: {exc}") from exc
-            self.stats.capture_failures += 1
-            if not self._warned_failure:
-                self._warned_failure = True
-                warnings.warn(
-                    f"graph capture of batch size {size} failed ({exc}); that size runs eagerly "
-                    "(on_capture_failure='eager')",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            self._failures.handle(exc, f"batch size {size}")
             return _SizeEntry(size, None, [], None, [])
         flat, spec = tree_flatten(captured.outputs)
         batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat]
-        self.stats.captures += 1
-        self.stats.capture_seconds += captured.seconds
-        self.stats.capture_seconds_by_size[size] = captured.seconds
+        self.stats.record_capture(size, captured.seconds)
         return _SizeEntry(size, captured, flat, spec, batched)
 
     # --- calls ------------------------------------------------------------------------------

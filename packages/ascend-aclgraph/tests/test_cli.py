@@ -192,7 +192,9 @@ def test_module_entry_point_subprocess() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["effective_mode"] == "FULL_AND_PIECEWISE"
     # The narrowing is in the report; it must not also leak onto stderr as a log line.
-    assert proc.stderr == ""
+    # (stderr may hold unrelated interpreter warnings, e.g. torch's about a missing numpy.)
+    assert "narrowed" not in proc.stderr
+    assert "FULL_AND_PIECEWISE" not in proc.stderr
 
     bad = subprocess.run(
         [sys.executable, "-m", "ascend_aclgraph.cli", "explain", "--mode", "x"],

@@ -29,7 +29,7 @@ PACKAGES: dict[str, str] = {
     "ascend-aclgraph": "ascend_aclgraph",
 }
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 
@@ -88,6 +88,18 @@ def typecheck(session: nox.Session) -> None:
     session.install(MYPY)
     sources = [str(ROOT / "packages" / dist / "src") for dist in PACKAGES]
     session.run("mypy", *sources)
+
+
+# ==== Documentation ============================================================================
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the user guide (Sphinx + MyST); warnings are errors."""
+    session.install("sphinx", "myst-parser")
+    session.run(
+        "sphinx-build", "-W", "-b", "html", str(ROOT / "docs"), str(ROOT / "docs" / "_build")
+    )
 
 
 # ==== Packaging ================================================================================

@@ -1,5 +1,19 @@
-"""ascend_aclgraph: capture/replay graph runtime for PyTorch on Ascend NPUs, CUDA and a CPU twin."""
+"""ascend_aclgraph: capture/replay graph runtime for PyTorch on Ascend NPUs, CUDA and a CPU twin.
 
+Standalone use, no vLLM needed::
+
+    import ascend_aclgraph
+    step = ascend_aclgraph.capture(model, (tokens, positions), batch_sizes=[1, 8, 32])
+    out = step(tokens, positions)          # padded, replayed, cut back to the real batch
+"""
+
+from ascend_aclgraph.backends import (
+    Graph,
+    GraphBackend,
+    GraphPool,
+    available_backends,
+    get_backend,
+)
 from ascend_aclgraph.capture_sizes import CaptureSizes, default_capture_sizes
 from ascend_aclgraph.errors import (
     AclGraphError,
@@ -9,7 +23,18 @@ from ascend_aclgraph.errors import (
     GraphInputError,
     TaskUpdateError,
 )
+from ascend_aclgraph.graph_capture import weak_ref_tensor
+from ascend_aclgraph.graph_context import GraphContext, current_graph_context, graph_context
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
+from ascend_aclgraph.standalone import CapturedCallable, capture
+from ascend_aclgraph.stats import GraphStats
+from ascend_aclgraph.tasks import UpdatableTask, updatable
+from ascend_aclgraph.wrapper import GraphEntry, GraphOptions, GraphWrapper
+
+try:
+    from ascend_aclgraph._version import __version__
+except ImportError:  # running from a source tree that was never built
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "AclGraphError",
@@ -18,8 +43,26 @@ __all__ = [
     "CaptureError",
     "CaptureSizeError",
     "CaptureSizes",
+    "CapturedCallable",
+    "Graph",
+    "GraphBackend",
+    "GraphContext",
+    "GraphEntry",
     "GraphInputError",
     "GraphMode",
+    "GraphOptions",
+    "GraphPool",
+    "GraphStats",
+    "GraphWrapper",
     "TaskUpdateError",
+    "UpdatableTask",
+    "__version__",
+    "available_backends",
+    "capture",
+    "current_graph_context",
     "default_capture_sizes",
+    "get_backend",
+    "graph_context",
+    "updatable",
+    "weak_ref_tensor",
 ]

@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.errors import CaptureError
 
-__all__ = ["capture_refusal", "check_capturable", "host_sync_methods_refused", "user_frame"]
+__all__ = ["CaptureGuardMode", "capture_refusal", "check_capturable", "host_sync_methods_refused", "user_frame"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -128,3 +129,23 @@ def host_sync_methods_refused() -> Iterator[None]:
                     # torch.Tensor inherits both from torch._C.TensorBase; deleting the shadow
                     # restores the original method.
                     delattr(torch.Tensor, method)
+
+
+class CaptureGuardMode(TorchDispatchMode):
+    """Checks every op run during a device capture; device backends run it around capture.
+
+    The CPU twin's recorder performs the same checks itself. On a device the check turns a
+    late, cryptic driver error (or a silently baked value) into a ``CaptureError`` with the
+    user's file and line.
+    """
+
+    def __torch_dispatch__(
+        self,
+        func: torch._ops.OpOverload,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        check_capturable(func, args, kwargs)
+        return func(*args, **kwargs)

@@ -58,6 +58,16 @@ class Graph:
         if not self.captured:
             raise RuntimeError("replay() of a graph that was never captured successfully")
         self.backend.replay(self)
+        for task in self.tasks:
+            task.updated_since_replay = False
+
+    def declare_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Tell the backend which tensors the caller reads after each replay.
+
+        Call it inside the capture block. Device allocators track liveness themselves; the cpu
+        twin uses it to pack everything else into the shared pool.
+        """
+        self.backend.declare_outputs(self, outputs)
 
     def reset(self) -> None:
         """Release the captured graph; it cannot be replayed afterwards."""
@@ -70,6 +80,9 @@ class GraphBackend(abc.ABC):
     """One device family's graph primitives."""
 
     name: ClassVar[str]
+    # Whether capturing also executes the work (the cpu twin must run ops to record them; a
+    # device capture only records). Callers replay once after a capture when it does not.
+    capture_executes: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod
@@ -134,6 +147,7 @@ class GraphBackend(abc.ABC):
         ok = False
         try:
             with (
+                torch.no_grad(),
                 host_sync_methods_refused(),
                 tasks.capturing_into(graph),
                 self._capture(graph),
@@ -145,6 +159,9 @@ class GraphBackend(abc.ABC):
                 graph.captured = True
             else:
                 graph.reset()
+
+    def declare_outputs(self, graph: Graph, outputs: Sequence[torch.Tensor]) -> None:
+        """See :meth:`Graph.declare_outputs`; device backends need nothing."""
 
     def memory_reserved(self) -> int:
         """Bytes the device allocator holds (used to measure what a capture adds)."""

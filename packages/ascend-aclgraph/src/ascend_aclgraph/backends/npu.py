@@ -1,0 +1,155 @@
+"""The ``npu`` backend: torch_npu's ACL graphs (``torch.npu.NPUGraph``), thin by design.
+
+Written against the public torch_npu API (``torch_npu/npu/graphs.py``):
+
+* capture: ``torch.npu.graph(g, pool=..., capture_error_mode=...)`` into a pool from
+  ``torch.npu.graph_pool_handle()``;
+* updatable tasks, as vllm-ascend does for ``npu_fused_infer_attention_score``: at capture, an
+  ``ExternalEvent`` wait+reset is captured in front of the op, and the op is captured inside
+  ``graph_task_group_begin/end``; an update re-issues the op with new host arguments between
+  ``graph_task_update_begin/end`` on a dedicated update stream and records the event there,
+  which releases the replayed graph at its wait node.
+
+torch_npu is imported lazily: importing it needs CANN, and installing it on a machine without
+one breaks ``import torch`` (it autoloads), so nothing here runs unless this backend is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
+from ascend_aclgraph.capture_guard import CaptureGuardMode
+from ascend_aclgraph.errors import BackendUnavailableError, CaptureError
+from ascend_aclgraph.tasks import UpdatableTask
+
+__all__ = ["NpuGraphBackend", "npu_available"]
+
+
+def _import_torch_npu() -> Any:
+    try:
+        import torch_npu
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the npu backend needs torch_npu (pip install torch-npu, matching your torch) and the "
+            f"Ascend CANN toolkit; importing torch_npu failed: {exc}"
+        ) from exc
+    return torch_npu
+
+
+@functools.cache
+def npu_available() -> bool:
+    """True if torch_npu imports and sees at least one NPU."""
+    try:
+        _import_torch_npu()
+    except BackendUnavailableError:
+        return False
+    return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+
+
+class NpuGraphBackend(GraphBackend):
+    """Graph backend over ``torch.npu.NPUGraph`` (ACL graph capture, ``aclmdlRI*``)."""
+
+    name = "npu"
+
+    def __init__(self, capture_error_mode: str = "global") -> None:
+        _import_torch_npu()
+        npu = torch.npu  # type: ignore[attr-defined]
+        if not npu.is_available():
+            raise BackendUnavailableError(
+                "torch_npu is installed but no NPU is visible: check the Ascend driver, CANN, "
+                "and ASCEND_RT_VISIBLE_DEVICES"
+            )
+        self._npu = npu
+        self._device = torch.device("npu", npu.current_device())
+        self.capture_error_mode = capture_error_mode
+        # Task updates run on their own stream so they overlap the replay, as in vllm-ascend.
+        self._update_stream = npu.Stream()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def new_pool(self) -> GraphPool:
+        return GraphPool(self._npu.graph_pool_handle())
+
+    def new_graph(self, pool: GraphPool) -> Graph:
+        return Graph(self, self._npu.NPUGraph(), pool)
+
+    @contextlib.contextmanager
+    def _capture(self, graph: Graph) -> Iterator[None]:
+        before = self.memory_reserved()
+        with (
+            self._npu.graph(
+                graph.native, pool=graph.pool.handle, capture_error_mode=self.capture_error_mode
+            ),
+            CaptureGuardMode(),
+        ):
+            yield
+        graph.pool.captured_bytes += max(0, self.memory_reserved() - before)
+
+    def is_capturing(self) -> bool:
+        return bool(self._npu.is_current_stream_capturing())
+
+    def synchronize(self) -> None:
+        self._npu.synchronize()
+
+    def replay(self, graph: Graph) -> None:
+        if graph.tasks:
+            # Each replay waits on every task's external event. Release the ones nobody updated
+            # (their captured arguments stand), and keep this step's host-side updates from
+            # racing the previous replay, as vllm-ascend's ACLGraphWrapper does.
+            self._npu.current_stream().synchronize()
+            for task in graph.tasks:
+                if not task.updated_since_replay:
+                    task.event.record(self._update_stream)
+        graph.native.replay()
+
+    def reset(self, graph: Graph) -> None:
+        graph.native.reset()
+
+    def memory_reserved(self) -> int:
+        return int(self._npu.memory_reserved())
+
+    def run_updatable(
+        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        schema = getattr(op, "_schema", None)
+        if schema is None or not schema.is_mutable:
+            raise CaptureError(
+                f"{task.describe()}: on the npu backend an updatable op must write preallocated "
+                "outputs (call its .out overload, e.g. npu_fused_infer_attention_score.out with "
+                "a workspace), because a task update re-issues it into the captured outputs"
+            )
+        npu = self._npu
+        stream = npu.current_stream()
+        event = npu.ExternalEvent()
+        event.wait(stream)
+        event.reset(stream)
+        npu.graph_task_group_begin(stream)
+        result = op(*args, **kwargs)
+        task.handle = npu.graph_task_group_end(stream)
+        task.event = event
+        return result
+
+    def update_host_args(self, task: UpdatableTask, changes: dict[str, Any]) -> None:
+        npu = self._npu
+        args = list(task.args)
+        kwargs = dict(task.kwargs)
+        names = task.arg_names or []
+        for name, value in changes.items():
+            if name in names and names.index(name) < len(args) and name not in kwargs:
+                args[names.index(name)] = value
+            else:
+                kwargs[name] = value
+        stream = self._update_stream
+        with npu.stream(stream):
+            npu.graph_task_update_begin(stream, task.handle)
+            task.op(*args, **kwargs)
+            npu.graph_task_update_end(stream)
+            task.event.record(stream)

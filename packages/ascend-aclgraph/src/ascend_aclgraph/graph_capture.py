@@ -1,0 +1,67 @@
+"""Capturing one callable into one graph: the step shared by every runner in this package."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
+
+__all__ = ["CapturedGraph", "capture_callable", "weak_ref_tensor"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CapturedGraph:
+    graph: Graph
+    # What the callable returned at capture; replays write into these same tensors.
+    outputs: Any
+    seconds: float
+
+
+def capture_callable(
+    backend: GraphBackend,
+    pool: GraphPool,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> CapturedGraph:
+    """Capture ``fn(*args, **kwargs)`` into a new graph of ``pool``.
+
+    On return the outputs hold the results for ``args``, on every backend: device captures do
+    not execute the work, so the graph is replayed once; the cpu twin executed it while
+    recording. If capture fails the graph is reset and the error propagates.
+    """
+    graph = backend.new_graph(pool)
+    start = time.perf_counter()
+    with backend.capture(graph):
+        outputs = fn(*args, **kwargs)
+        flat, _ = tree_flatten(outputs)
+        graph.declare_outputs([t for t in flat if isinstance(t, torch.Tensor)])
+    if not backend.capture_executes:
+        graph.replay()
+        backend.synchronize()
+    seconds = time.perf_counter() - start
+    return CapturedGraph(graph, outputs, seconds)
+
+
+def weak_ref_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor viewing ``t``'s memory without keeping it alive (vLLM's weak_ref_tensors).
+
+    Holding graph outputs this way lets the pool's allocator reuse their memory for the next
+    capture; the outputs stay valid as long as the pool does.
+    """
+    storage = t.untyped_storage()
+    weak = torch._C._construct_storage_from_data_pointer(
+        storage.data_ptr(), t.device, storage.nbytes()
+    )
+    return torch.empty((0,), dtype=t.dtype, device=t.device).set_(
+        weak, t.storage_offset(), t.size(), t.stride()
+    )

@@ -1,0 +1,356 @@
+"""``ascend_aclgraph.capture``: graph mode for plain PyTorch code, no vLLM needed.
+
+::
+
+    step = ascend_aclgraph.capture(decoder_step, (tokens, positions), batch_sizes=[1, 8, 32])
+    logits = step(tokens_for_5_requests, positions_for_5_requests)   # replays the size-8 graph
+
+The returned :class:`CapturedCallable` owns static input buffers sized for the largest capture
+size. Each call copies the inputs into them (and fills the padding rows with ``pad_value``),
+replays the graph of the next capture size up, and returns the outputs cut back to the real
+batch. Batches above the largest size run eagerly and are counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from ascend_aclgraph import tasks
+from ascend_aclgraph.backends import GraphBackend, get_backend
+from ascend_aclgraph.capture_sizes import CaptureSizes
+from ascend_aclgraph.errors import CaptureError, GraphInputError
+from ascend_aclgraph.graph_capture import CapturedGraph, capture_callable
+from ascend_aclgraph.stats import GraphStats
+from ascend_aclgraph.wrapper import FailurePolicy, update_graph_tasks
+
+__all__ = ["CapturedCallable", "capture"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _SizeEntry:
+    size: int
+    captured: CapturedGraph | None
+    flat_outputs: list[Any]
+    spec: TreeSpec | None
+    # Per flat output: slice it along the batch dim on return?
+    batched: list[bool]
+
+
+def _progress(total: int, enabled: bool | None, desc: str) -> Any:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="graph", leave=False)
+
+
+class CapturedCallable:
+    """A callable replaying captured graphs for padded batch sizes; see :func:`capture`."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        sample_args: Sequence[Any],
+        *,
+        batch_sizes: Sequence[int] | CaptureSizes | None,
+        dynamic_dim: int | Sequence[int | None],
+        backend: str | GraphBackend,
+        num_warmups: int,
+        pad_value: float | int | None,
+        clone_outputs: bool,
+        on_capture_failure: FailurePolicy,
+        progress: bool | None,
+    ) -> None:
+        if on_capture_failure not in ("raise", "eager"):
+            raise ValueError(
+                f"on_capture_failure must be 'raise' or 'eager', got {on_capture_failure!r}"
+            )
+        if isinstance(num_warmups, bool) or not isinstance(num_warmups, int) or num_warmups < 0:
+            raise ValueError(f"num_warmups must be an int >= 0, got {num_warmups!r}")
+        self.fn = fn
+        self.backend = get_backend(backend)
+        self.sizes = batch_sizes if isinstance(batch_sizes, CaptureSizes) else CaptureSizes(batch_sizes)
+        self.pad_value = pad_value
+        self.clone_outputs = clone_outputs
+        self.on_capture_failure = on_capture_failure
+        self.stats = GraphStats()
+        self.pool = self.backend.new_pool()
+        self._lock = threading.Lock()
+        self._sample_args = tuple(sample_args)
+        self._dims = self._batch_dims(dynamic_dim)
+        self._static = self._make_static_buffers()
+        self._entries: dict[int, _SizeEntry] = {}
+        self._warned_failure = False
+        self._capture_all(num_warmups, progress)
+
+    # --- construction -----------------------------------------------------------------------
+
+    def _batch_dims(self, dynamic_dim: int | Sequence[int | None]) -> list[int | None]:
+        args = self._sample_args
+        if isinstance(dynamic_dim, int) and not isinstance(dynamic_dim, bool):
+            dims: list[int | None] = [
+                dynamic_dim if isinstance(a, torch.Tensor) else None for a in args
+            ]
+        elif isinstance(dynamic_dim, Sequence) and len(dynamic_dim) == len(args):
+            dims = list(dynamic_dim)
+        else:
+            raise GraphInputError(
+                "dynamic_dim must be an int (the batch dim of every tensor argument) or a list "
+                f"with one entry (int or None) per sample argument ({len(args)}), got {dynamic_dim!r}"
+            )
+        batch = None
+        for i, (arg, dim) in enumerate(zip(args, dims, strict=True)):
+            if dim is None:
+                continue
+            if not isinstance(arg, torch.Tensor):
+                raise GraphInputError(f"argument {i} has a batch dim but is not a tensor: {arg!r}")
+            if not -arg.dim() <= dim < arg.dim():
+                raise GraphInputError(
+                    f"argument {i} has shape {tuple(arg.shape)}; batch dim {dim} is out of range"
+                )
+            dims[i] = dim % arg.dim()
+            if batch is None:
+                batch = arg.shape[dim]
+            elif arg.shape[dim] != batch:
+                raise GraphInputError(
+                    f"batched arguments disagree on the batch size: {batch} vs {arg.shape[dim]} "
+                    f"(argument {i})"
+                )
+        if batch is None:
+            raise GraphInputError("no tensor argument has a batch dim: nothing to pad")
+        return dims
+
+    def _make_static_buffers(self) -> list[Any]:
+        static: list[Any] = []
+        max_size = self.sizes.max_size
+        for arg, dim in zip(self._sample_args, self._dims, strict=True):
+            if dim is None:
+                static.append(arg)  # captured by address; calls copy into it if they differ
+                continue
+            shape = list(arg.shape)
+            shape[dim] = max_size
+            buf = torch.zeros(shape, dtype=arg.dtype, device=self.backend.device)
+            n = min(arg.shape[dim], max_size)
+            buf.narrow(dim, 0, n).copy_(arg.narrow(dim, 0, n))
+            static.append(buf)
+        return static
+
+    def _args_for(self, size: int) -> tuple[Any, ...]:
+        return tuple(
+            s if dim is None else s.narrow(dim, 0, size)
+            for s, dim in zip(self._static, self._dims, strict=True)
+        )
+
+    def _capture_all(self, num_warmups: int, progress: bool | None) -> None:
+        order = self.sizes.largest_first()  # smaller graphs reuse the largest one's pool memory
+        bar = _progress(len(order), progress, f"capturing graphs ({self.backend.name})")
+        try:
+            for size in order:
+                self._entries[size] = self._capture_size(size, num_warmups)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.stats.pool_bytes = self.pool.nbytes
+        logger.info(
+            "captured %d graphs (%s) on %s in %.2fs, pool %d bytes",
+            self.stats.captures,
+            ", ".join(map(str, self.sizes)),
+            self.backend.name,
+            self.stats.capture_seconds,
+            self.stats.pool_bytes,
+        )
+
+    def _capture_size(self, size: int, num_warmups: int) -> _SizeEntry:
+        args = self._args_for(size)
+        try:
+            with torch.no_grad():
+                for _ in range(num_warmups):
+                    self.fn(*args)
+            captured = capture_callable(self.backend, self.pool, self.fn, args, {})
+        except Exception as exc:
+            if self.on_capture_failure == "raise":
+                if isinstance(exc, CaptureError):
+                    raise
+                raise CaptureError(f"capture of batch size {size} failed: {exc}") from exc
+            self.stats.capture_failures += 1
+            if not self._warned_failure:
+                self._warned_failure = True
+                warnings.warn(
+                    f"graph capture of batch size {size} failed ({exc}); that size runs eagerly "
+                    "(on_capture_failure='eager')",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return _SizeEntry(size, None, [], None, [])
+        flat, spec = tree_flatten(captured.outputs)
+        batched = [
+            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat
+        ]
+        self.stats.captures += 1
+        self.stats.capture_seconds += captured.seconds
+        self.stats.capture_seconds_by_size[size] = captured.seconds
+        return _SizeEntry(size, captured, flat, spec, batched)
+
+    # --- calls ------------------------------------------------------------------------------
+
+    @property
+    def graphs(self) -> dict[int, Any]:
+        """Captured graph per batch size (sizes whose capture failed are absent)."""
+        return {s: e.captured.graph for s, e in self._entries.items() if e.captured is not None}
+
+    def _batch_size(self, args: tuple[Any, ...]) -> int:
+        if len(args) != len(self._sample_args):
+            raise GraphInputError(
+                f"captured with {len(self._sample_args)} arguments, called with {len(args)}"
+            )
+        n = None
+        for i, (arg, dim) in enumerate(zip(args, self._dims, strict=True)):
+            if dim is None:
+                continue
+            if not isinstance(arg, torch.Tensor):
+                raise GraphInputError(f"argument {i} must be a tensor, got {type(arg).__name__}")
+            if n is None:
+                n = arg.shape[dim]
+            elif arg.shape[dim] != n:
+                raise GraphInputError(
+                    f"batched arguments disagree on the batch size: {n} vs {arg.shape[dim]} "
+                    f"(argument {i})"
+                )
+        assert n is not None  # _batch_dims guarantees one batched argument
+        return n
+
+    def _copy_inputs(self, args: tuple[Any, ...], n: int, size: int) -> None:
+        for i, (arg, static, dim) in enumerate(zip(args, self._static, self._dims, strict=True)):
+            if dim is None:
+                if isinstance(static, torch.Tensor):
+                    if arg is static:
+                        continue
+                    if not isinstance(arg, torch.Tensor) or arg.shape != static.shape:
+                        raise GraphInputError(
+                            f"argument {i} was captured as a tensor of shape "
+                            f"{tuple(static.shape)}; got {getattr(arg, 'shape', type(arg))}"
+                        )
+                    if arg.data_ptr() != static.data_ptr():
+                        static.copy_(arg)
+                elif arg != static:
+                    raise GraphInputError(
+                        f"argument {i} is a host value baked into the graphs ({static!r}); "
+                        f"got {arg!r}. Pass it as a tensor, or capture again."
+                    )
+                continue
+            expected = static.shape[:dim] + static.shape[dim + 1 :]
+            got = arg.shape[:dim] + arg.shape[dim + 1 :]
+            if got != expected or arg.dtype != static.dtype:
+                raise GraphInputError(
+                    f"argument {i}: captured non-batch shape {tuple(expected)} and dtype "
+                    f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
+                )
+            static.narrow(dim, 0, n).copy_(arg)
+            if size > n and self.pad_value is not None:
+                static.narrow(dim, n, size - n).fill_(self.pad_value)
+
+    def __call__(self, *args: Any, task_args: dict[str, Any] | None = None) -> Any:
+        """Run one batch: replay the graph of the next capture size up, or run eagerly.
+
+        ``task_args`` rewrite host-side arguments of the updatable tasks (see
+        :func:`ascend_aclgraph.updatable`): list values of the real batch length are padded to
+        the graph's size by repeating their last element.
+        """
+        n = self._batch_size(args)
+        size = self.sizes.pad(n)
+        with self._lock:
+            entry = self._entries.get(size) if size is not None else None
+            if entry is None or entry.captured is None:
+                if size is None:
+                    self.stats.eager_fallbacks += 1
+                with torch.no_grad(), tasks.task_overrides(task_args or {}):
+                    return self.fn(*args)
+            self._copy_inputs(args, n, size)  # type: ignore[arg-type]
+            graph = entry.captured.graph
+            if task_args:
+                update_graph_tasks(graph, _pad_task_args(task_args, n, entry.size))
+            graph.replay()
+            self.stats.replays += 1
+            outs = [
+                (t.narrow(0, 0, n) if b else t).clone() if self.clone_outputs else
+                (t.narrow(0, 0, n) if b else t)
+                for t, b in zip(entry.flat_outputs, entry.batched, strict=True)
+            ]
+            assert entry.spec is not None
+            return tree_unflatten(outs, entry.spec)
+
+
+def _pad_task_args(values: dict[str, Any], n: int, size: int) -> dict[str, Any]:
+    padded: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, (list, tuple)) and len(value) == n and size > n:
+            value = [*value, *([value[-1]] * (size - n))]
+        padded[name] = list(value) if isinstance(value, tuple) else value
+    return padded
+
+
+def capture(
+    fn: Callable[..., Any] | torch.nn.Module,
+    sample_args: Sequence[Any],
+    *,
+    batch_sizes: Sequence[int] | CaptureSizes | None = None,
+    dynamic_dim: int | Sequence[int | None] = 0,
+    backend: str | GraphBackend = "auto",
+    num_warmups: int = 1,
+    pad_value: float | int | None = 0,
+    clone_outputs: bool = True,
+    on_capture_failure: FailurePolicy = "raise",
+    progress: bool | None = None,
+) -> CapturedCallable:
+    """Capture ``fn`` for every batch size and return a callable that replays them.
+
+    Args:
+        fn: a function or module; called positionally with tensors shaped like ``sample_args``.
+        sample_args: example arguments. Tensors with a batch dim are copied into static
+            buffers of the largest size; other tensors are captured by address (a call that
+            passes a different tensor has it copied in); host values are baked in.
+        batch_sizes: capture sizes (validated, deduplicated, sorted); default vLLM's list up to 512.
+        dynamic_dim: batch dim of every tensor argument, or one entry (int or None) per argument.
+        backend: "auto" (npu, then cuda, then cpu), "npu", "cuda" or "cpu".
+        num_warmups: eager runs before each capture. Capture runs ``fn`` on the sample data, so
+            its side effects (a KV-cache write, say) happen then.
+        pad_value: fills the padding rows of batched inputs; ``None`` leaves stale rows.
+        clone_outputs: return fresh tensors (default). ``False`` returns views of the static
+            outputs, valid until the next call; faster, but not safe to keep across calls.
+        on_capture_failure: "raise" (default) or "eager" (warn once, run that size eagerly).
+        progress: show a tqdm bar while capturing; ``None`` shows it only on a terminal.
+
+    Outputs whose first dim equals the padded size are cut back to the real batch along dim 0.
+    Calls are serialized by a lock, so concurrent callers never see each other's outputs.
+    """
+    start = time.perf_counter()
+    captured = CapturedCallable(
+        fn,
+        sample_args,
+        batch_sizes=batch_sizes,
+        dynamic_dim=dynamic_dim,
+        backend=backend,
+        num_warmups=num_warmups,
+        pad_value=pad_value,
+        clone_outputs=clone_outputs,
+        on_capture_failure=on_capture_failure,
+        progress=progress,
+    )
+    logger.debug("capture() finished in %.3fs", time.perf_counter() - start)
+    return captured

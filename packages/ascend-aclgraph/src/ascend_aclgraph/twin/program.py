@@ -1,0 +1,276 @@
+"""From recorded ops to a replayable program: what to re-run, and where its memory lives.
+
+Three analyses run once, at the end of a capture:
+
+1. **What must re-run.** An op is *dynamic* if it reads an external storage (inputs, weights,
+   KV caches: anything not created during capture), reads a dynamic storage, draws random
+   numbers, or is an updatable task. Views only alias memory and never re-run. Ops that built a
+   constant (say ``arange`` for a mask) are folded, unless a dynamic op later writes into what
+   they built; then they re-run too, since a replay must start from the same state as capture.
+2. **Untracked writes.** A storage made by ``empty`` that no recorded op ever writes, yet is
+   read, was filled by code that bypassed the dispatcher (e.g. inductor-generated C++). The
+   twin cannot replay that, so it refuses instead of returning captured values forever.
+3. **Memory.** Storages that only live inside one replay are packed into the pool's blocks by
+   lifetime, as a device caching allocator would inside a graph pool; graphs of one pool share
+   the blocks, and capturing the largest graph first lets the smaller ones fit in its blocks.
+   A storage that something outside the graph still holds keeps its own memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ascend_aclgraph.errors import CaptureError
+from ascend_aclgraph.twin.codegen import generate_replay
+from ascend_aclgraph.twin.recorder import OpRecord, iter_tensors, storage_key
+
+__all__ = ["TwinPool", "TwinProgram", "build_program"]
+
+_EMPTY_FACTORIES = {
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::new_empty",
+    "aten::new_empty_strided",
+}
+_ALIGN = 64
+
+
+class TwinPool:
+    """Byte blocks shared by the graphs of one pool (never replayed concurrently)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[torch.UntypedStorage] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.blocks)
+
+    def new_block(self, nbytes: int) -> int:
+        size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        self.blocks.append(torch.empty(size, dtype=torch.uint8).untyped_storage())
+        return len(self.blocks) - 1
+
+
+@dataclass
+class TwinProgram:
+    """The result of a capture: a replay function plus accounting."""
+
+    replay: Callable[[], None]
+    source: str
+    num_recorded: int
+    num_replayed: int
+    planned_bytes: int
+    # Memory this graph keeps for itself: folded constants and storages held from outside.
+    own_bytes: int
+
+
+def _needs_compute(rec: OpRecord) -> bool:
+    if rec.func._schema.name in _EMPTY_FACTORIES and not rec.written:
+        return False  # contents of `empty` are undefined; nothing to recompute
+    return bool(rec.fresh or rec.written)
+
+
+def _write_keys(rec: OpRecord) -> set[int]:
+    keys = {storage_key(rec.outputs[i]) for i in rec.fresh}
+    keys.update(storage_key(t) for t in rec.written)
+    return keys
+
+
+def _select_replayed(records: Sequence[OpRecord], internal: dict[int, Any]) -> list[OpRecord]:
+    dynamic_keys: set[int] = set()
+    dynamic_recs: set[int] = set()
+    for i, rec in enumerate(records):
+        if not _needs_compute(rec):
+            continue
+        is_dynamic = (
+            rec.updatable
+            or torch.Tag.nondeterministic_seeded in rec.func.tags
+            or any(
+                k not in internal or k in dynamic_keys
+                for k in map(storage_key, rec.read_tensors())
+            )
+        )
+        if is_dynamic:
+            dynamic_recs.add(i)
+            dynamic_keys |= _write_keys(rec)
+    return [
+        rec
+        for i, rec in enumerate(records)
+        if _needs_compute(rec) and (i in dynamic_recs or _write_keys(rec) & dynamic_keys)
+    ]
+
+
+def _check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.Tensor]) -> None:
+    from_empty: dict[int, OpRecord] = {}
+    written: set[int] = set()
+    read: set[int] = {storage_key(t) for t in outputs}
+    for rec in records:
+        if rec.func._schema.name in _EMPTY_FACTORIES:
+            from_empty.update((storage_key(rec.outputs[i]), rec) for i in rec.fresh)
+        written.update(storage_key(t) for t in rec.written)
+        read.update(storage_key(t) for t in rec.read_tensors() if t.numel())
+    for key, rec in from_empty.items():
+        if key in read and key not in written:
+            raise CaptureError(
+                f"a tensor allocated by {rec.func} during capture is read but never written by "
+                "any operator the twin saw: it was filled by code that bypasses the PyTorch "
+                "dispatcher (for example inductor-generated kernels), which the cpu twin cannot "
+                "replay. Capture the eager (or backend='eager') function instead."
+            )
+
+
+def _our_containers(records: Sequence[OpRecord], extra: Iterable[Any]) -> set[int]:
+    ids: set[int] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, (list, tuple, dict)):
+            ids.add(id(value))
+            for v in value.values() if isinstance(value, dict) else value:
+                walk(v)
+
+    for rec in records:
+        ids.add(id(rec))
+        for part in (rec.args, rec.kwargs, rec.outputs, rec.written, rec.extra):
+            walk(part)
+    for value in extra:
+        ids.add(id(value))
+        walk(value)
+    return ids
+
+
+def _held_from_outside(
+    tensors_by_key: dict[int, list[torch.Tensor]], candidates: set[int], ours: set[int]
+) -> set[int]:
+    """Keys of candidate storages with a tensor that something outside the graph references."""
+    objects = [t for k in candidates for t in tensors_by_key[k]]
+    if not objects:
+        return set()
+    wanted = {id(t): k for k in candidates for t in tensors_by_key[k]}
+    own_frames = set()
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(__file__.rsplit("twin", 1)[0]):
+            own_frames.add(id(frame))
+        frame = frame.f_back  # type: ignore[assignment]
+    held: set[int] = set()
+    for referrer in gc.get_referrers(*objects):
+        if id(referrer) in ours or id(referrer) in own_frames or referrer is objects:
+            continue
+        if isinstance(referrer, dict):
+            values: Iterable[Any] = referrer.values()
+        elif isinstance(referrer, (list, tuple)):
+            values = referrer
+        else:
+            # Frames, objects with __slots__, cells: inspect through gc's own view of them.
+            values = gc.get_referents(referrer)
+        for v in values:
+            if id(v) in wanted:
+                held.add(wanted[id(v)])
+    return held
+
+
+def build_program(
+    records: Sequence[OpRecord],
+    internal: dict[int, torch.UntypedStorage],
+    pool: TwinPool,
+    outputs: Sequence[torch.Tensor] | None,
+    keep_alive: Iterable[Any] = (),
+) -> TwinProgram:
+    """Analyse ``records`` and produce the replay program (see the module docstring).
+
+    ``outputs`` are the graph's declared outputs; when it is ``None`` nothing is known about
+    what the caller keeps, so no storage is moved into the shared pool.
+    """
+    _check_untracked_writes(records, outputs or ())
+    replayed = _select_replayed(records, internal)
+
+    tensors_by_key: dict[int, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for rec in records:
+        for t in (*rec.read_tensors(), *rec.outputs):
+            if id(t) not in seen:
+                seen.add(id(t))
+                tensors_by_key.setdefault(storage_key(t), []).append(t)
+
+    written_live = {k for rec in replayed for k in _write_keys(rec)} & internal.keys()
+    planned: set[int] = set()
+    if outputs is not None:
+        candidates = {k for k in written_live if internal[k].nbytes() > 0}
+        output_keys = {storage_key(t) for t in outputs}
+        ours = _our_containers(records, [outputs, *keep_alive, *tensors_by_key.values()])
+        held = _held_from_outside(tensors_by_key, candidates - output_keys, ours)
+        planned = candidates - held
+    else:
+        output_keys = set()
+
+    assigned = _plan_and_rebind(replayed, planned, output_keys, internal, tensors_by_key, pool)
+    planned_bytes = sum(internal[k].nbytes() for k in assigned)
+    own_bytes = sum(s.nbytes() for k, s in internal.items() if k not in assigned)
+    replay, source = generate_replay(replayed)
+    return TwinProgram(
+        replay=replay,
+        source=source,
+        num_recorded=len(records),
+        num_replayed=len(replayed),
+        planned_bytes=planned_bytes,
+        own_bytes=own_bytes,
+    )
+
+
+def _plan_and_rebind(
+    replayed: Sequence[OpRecord],
+    planned: set[int],
+    output_keys: set[int],
+    internal: dict[int, torch.UntypedStorage],
+    tensors_by_key: dict[int, list[torch.Tensor]],
+    pool: TwinPool,
+) -> set[int]:
+    """Give every planned storage a pool block free for its whole lifetime; rebind its tensors."""
+    if not planned:
+        return set()
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for i, rec in enumerate(replayed):
+        for t in (*rec.read_tensors(), *rec.outputs):
+            k = storage_key(t)
+            if k in planned:
+                first.setdefault(k, i)
+                last[k] = i
+    end = len(replayed)
+    for k in planned & output_keys:
+        last[k] = end
+    # Storages that no replayed op touches (written only by folded ops) keep their memory.
+    order = sorted((k for k in planned if k in first), key=lambda k: (first[k], k))
+    busy_until = [-1] * len(pool.blocks)  # per block: last op index of its current tenant
+    assignment: dict[int, int] = {}
+    for k in order:
+        need = internal[k].nbytes()
+        best = None
+        for b, until in enumerate(busy_until):
+            size = pool.blocks[b].nbytes()
+            if until < first[k] and size >= need and (
+                best is None or size < pool.blocks[best].nbytes()
+            ):
+                best = b
+        if best is None:
+            best = pool.new_block(need)
+            busy_until.append(-1)
+        busy_until[best] = last[k]
+        assignment[k] = best
+    for k, b in assignment.items():
+        block = pool.blocks[b]
+        if k in output_keys:
+            # Outputs keep their captured values: a capture call returns real results.
+            nbytes = internal[k].nbytes()
+            dst = torch.empty(0, dtype=torch.uint8).set_(block, 0, (nbytes,), (1,))
+            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(internal[k], 0, (nbytes,), (1,)))
+        for t in tensors_by_key[k]:
+            t.set_(block, t.storage_offset(), t.size(), t.stride())
+    return set(assignment)

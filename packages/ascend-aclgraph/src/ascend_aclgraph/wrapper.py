@@ -1,0 +1,199 @@
+"""GraphWrapper: capture a runnable once per batch descriptor, replay it afterwards.
+
+The device-generic counterpart of vLLM's ``CUDAGraphWrapper`` and vllm-ascend's
+``ACLGraphWrapper``. Its workflow:
+
+1. It is created with a runtime mode (PIECEWISE or FULL) and a pool shared with its siblings.
+2. Each call reads the current :func:`~ascend_aclgraph.graph_context.graph_context`. If the
+   runtime mode is NONE, or differs from the wrapper's, the runnable runs eagerly: that is how
+   a FULL wrapper around the whole model and PIECEWISE wrappers around its pieces nest.
+3. The first ``num_warmups`` calls for a new descriptor run eagerly (lazy initialisation,
+   autotuning, allocator warm-up), then the next call captures a graph for it.
+4. Later calls replay that graph and return the captured outputs.
+
+The wrapper owns no input buffers: the caller keeps persistent inputs and passes the same
+tensors each step (padded to the descriptor's size). A different tensor on a device would read
+the captured address and silently compute on stale data; with ``debug=True`` that is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ascend_aclgraph.backends import GraphBackend, GraphPool, get_backend
+from ascend_aclgraph.errors import CaptureError, GraphInputError
+from ascend_aclgraph.graph_capture import CapturedGraph, capture_callable, weak_ref_tensor
+from ascend_aclgraph.graph_context import current_graph_context
+from ascend_aclgraph.modes import BatchDescriptor, GraphMode
+from ascend_aclgraph.stats import GraphStats
+
+__all__ = ["GraphEntry", "GraphOptions", "GraphWrapper"]
+
+logger = logging.getLogger(__name__)
+
+FailurePolicy = Literal["raise", "eager"]
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """How a :class:`GraphWrapper` captures and replays."""
+
+    num_warmups: int = 1
+    # Keep outputs as non-owning views into the pool (vLLM's weak_ref_output).
+    weak_ref_outputs: bool = False
+    # Check that each replay gets the tensors that were captured (costs one pass over inputs).
+    debug: bool = False
+    # "raise": a failed capture raises. "eager": warn once, run that descriptor eagerly.
+    on_capture_failure: FailurePolicy = "raise"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_warmups, bool) or not isinstance(self.num_warmups, int) or self.num_warmups < 0:
+            raise ValueError(f"num_warmups must be an int >= 0, got {self.num_warmups!r}")
+        if self.on_capture_failure not in ("raise", "eager"):
+            raise ValueError(
+                f"on_capture_failure must be 'raise' or 'eager', got {self.on_capture_failure!r}"
+            )
+
+
+@dataclass
+class GraphEntry:
+    descriptor: BatchDescriptor
+    warmups_done: int = 0
+    captured: CapturedGraph | None = None
+    output: Any = None
+    input_addresses: list[int] = field(default_factory=list)
+    # Capture failed under on_capture_failure="eager": this descriptor always runs eagerly.
+    eager: bool = False
+
+
+def _tensor_addresses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+    flat, _ = tree_flatten((args, kwargs))
+    return [t.data_ptr() for t in flat if isinstance(t, torch.Tensor)]
+
+
+class GraphWrapper:
+    """Capture/replay ``runnable`` per batch descriptor (see the module docstring)."""
+
+    def __init__(
+        self,
+        runnable: Callable[..., Any],
+        runtime_mode: GraphMode = GraphMode.FULL,
+        *,
+        backend: str | GraphBackend = "auto",
+        pool: GraphPool | None = None,
+        options: GraphOptions | None = None,
+    ) -> None:
+        if runtime_mode not in (GraphMode.PIECEWISE, GraphMode.FULL):
+            raise ValueError(
+                f"a GraphWrapper captures in runtime mode PIECEWISE or FULL, not {runtime_mode.name}"
+            )
+        self.runnable = runnable
+        self.runtime_mode = runtime_mode
+        self.backend = get_backend(backend)
+        self.pool = pool if pool is not None else self.backend.new_pool()
+        self.options = options or GraphOptions()
+        self.entries: dict[BatchDescriptor, GraphEntry] = {}
+        self.stats = GraphStats()
+        self._warned_failure = False
+        self._lock = threading.RLock()
+
+    def unwrap(self) -> Callable[..., Any]:
+        return self.runnable
+
+    def __getattr__(self, key: str) -> Any:
+        # Forward attribute access to the wrapped runnable (a module's config, say).
+        runnable = self.__dict__.get("runnable")
+        if runnable is not None and hasattr(runnable, key):
+            return getattr(runnable, key)
+        raise AttributeError(f"{type(self).__name__} and its runnable have no attribute {key!r}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = current_graph_context()
+        if ctx.runtime_mode is not self.runtime_mode or ctx.descriptor is None:
+            return self.runnable(*args, **kwargs)
+        with self._lock:
+            entry = self.entries.get(ctx.descriptor)
+            if entry is None:
+                entry = self.entries[ctx.descriptor] = GraphEntry(ctx.descriptor)
+            if entry.eager:
+                return self.runnable(*args, **kwargs)
+            if entry.captured is None:
+                if entry.warmups_done < self.options.num_warmups:
+                    entry.warmups_done += 1
+                    return self.runnable(*args, **kwargs)
+                return self._capture(entry, args, kwargs)
+            if self.options.debug:
+                addresses = _tensor_addresses(args, kwargs)
+                if addresses != entry.input_addresses:
+                    raise GraphInputError(
+                        f"graph for {entry.descriptor} was captured with input addresses "
+                        f"{entry.input_addresses} but is replayed with {addresses}: copy new data "
+                        "into the captured input tensors instead of passing new tensors"
+                    )
+            entry.captured.graph.replay()
+            self.stats.replays += 1
+            return entry.output
+
+    def _capture(self, entry: GraphEntry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            captured = capture_callable(self.backend, self.pool, self.runnable, args, kwargs)
+        except Exception as exc:
+            if self.options.on_capture_failure == "raise":
+                if isinstance(exc, CaptureError):
+                    raise
+                raise CaptureError(f"capture of {entry.descriptor} failed: {exc}") from exc
+            entry.eager = True
+            self.stats.capture_failures += 1
+            if not self._warned_failure:
+                self._warned_failure = True
+                warnings.warn(
+                    f"graph capture of {entry.descriptor} failed ({exc}); running it eagerly "
+                    "(on_capture_failure='eager'). Further failures are counted in stats.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            logger.warning("capture of %s failed, running eagerly: %s", entry.descriptor, exc)
+            return self.runnable(*args, **kwargs)
+        entry.captured = captured
+        entry.input_addresses = _tensor_addresses(args, kwargs)
+        output = captured.outputs
+        if self.options.weak_ref_outputs:
+            output = tree_map(
+                lambda x: weak_ref_tensor(x) if isinstance(x, torch.Tensor) else x, output
+            )
+        entry.output = output
+        self.stats.captures += 1
+        self.stats.capture_seconds += captured.seconds
+        self.stats.capture_seconds_by_size[entry.descriptor.num_tokens] = captured.seconds
+        self.stats.pool_bytes = self.pool.nbytes
+        logger.debug("captured %s in %.3fs", entry.descriptor, captured.seconds)
+        return captured.outputs
+
+    def update_tasks(self, descriptor: BatchDescriptor, **changes: Any) -> int:
+        """Rewrite the named arguments of every updatable task of ``descriptor``'s graph.
+
+        Returns how many tasks took the change (tasks without such an argument are skipped).
+        """
+        entry = self.entries.get(descriptor)
+        if entry is None or entry.captured is None:
+            return 0
+        return update_graph_tasks(entry.captured.graph, changes)
+
+
+def update_graph_tasks(graph: Any, changes: dict[str, Any]) -> int:
+    """Apply ``changes`` to every task of ``graph`` that has all those arguments."""
+    count = 0
+    for task in graph.tasks:
+        names = set(task.known_names()) | set(task.kwargs)
+        if set(changes) <= names:
+            task.update(**changes)
+            count += 1
+    return count

@@ -3,8 +3,8 @@
 Same results as :mod:`ascend_npugraph_ex.ops.reference` (bitwise for the norms in float32, within
 one rounding step in bf16/fp16), in fewer passes over memory: ``aten._fused_rms_norm`` does the
 statistics and the scaling in one kernel, and RoPE writes straight into one preallocated output
-instead of building ``rotate_half`` with a slice/neg/cat round trip. Outputs are contiguous, as the
-fake implementations promise.
+instead of building ``rotate_half`` with a slice/neg/cat round trip. Outputs keep the layout of the
+main input, as the fake implementations promise.
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """CPU ``npugraph_ex.rms_norm``."""
     if not _HAS_FUSED_RMS:
         return rms_norm_ref(x, weight, eps)
-    x = x.contiguous()
+    if not x.is_contiguous():
+        # Keep x's (dense, permuted) layout in the output, as the unfused ops would.
+        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+        return out.copy_(rms_norm(x.contiguous(), weight, eps))
     hidden = [x.shape[-1]]
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        out: torch.Tensor = _aten._fused_rms_norm.default(x, hidden, weight, eps)[0]
-        return out
+        fused: torch.Tensor = _aten._fused_rms_norm.default(x, hidden, weight, eps)[0]
+        return fused
     # Low precision: normalise in float32, round to the input dtype, *then* scale by the weight,
     # exactly where the HF module rounds (a single fused scale would round once less).
-    normed = _aten._fused_rms_norm.default(x.to(torch.float32), hidden, None, eps)[0]
+    normed: torch.Tensor = _aten._fused_rms_norm.default(x.to(torch.float32), hidden, None, eps)[0]
     normed = normed.to(x.dtype)
     if torch.promote_types(normed.dtype, weight.dtype) == normed.dtype:
         return normed.mul_(weight)
@@ -51,18 +54,20 @@ def add_rms_norm(
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """CPU ``npugraph_ex.swiglu``: ``silu(gate) * up`` with one output buffer."""
     dtype = torch.promote_types(gate.dtype, up.dtype)
-    shape = torch.broadcast_shapes(gate.shape, up.shape)
+    shape = torch.broadcast_shapes(gate.shape, up.shape)  # type: ignore[no-untyped-call]
     if dtype != gate.dtype or shape != gate.shape:
         return torch.nn.functional.silu(gate) * up
-    out = torch.empty(shape, dtype=dtype, device=gate.device)
-    _aten.silu.out(gate, out=out)
+    out = torch.nn.functional.silu(gate)
     return out.mul_(up)
 
 
 def _rope_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)  # type: ignore[no-untyped-call]
     dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
-    out = torch.empty(shape, dtype=dtype, device=x.device)
+    if shape == x.shape:
+        out = torch.empty_like(x, dtype=dtype)  # keep x's layout, like the unfused mul
+    else:
+        out = torch.empty(shape, dtype=dtype, device=x.device)
     torch.mul(x, cos, out=out)
     half = x.shape[-1] // 2
     # out[:h] -= x[h:] * sin[:h];  out[h:] += x[:h] * sin[h:]   (rotate_half without the cat)

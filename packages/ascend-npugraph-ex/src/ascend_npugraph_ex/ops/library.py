@@ -36,20 +36,27 @@ _SCHEMAS: dict[str, str] = {
 
 OPS: tuple[str, ...] = tuple(_SCHEMAS)
 
-_LIB = torch.library.Library(NAMESPACE, "DEF")  # kept alive for the process: owns the registrations
+# Kept alive for the whole process: the Library object owns the registrations.
+_LIB = torch.library.Library(NAMESPACE, "DEF")  # type: ignore[no-untyped-call]
 for _schema in _SCHEMAS.values():
-    _LIB.define(_schema)
+    _LIB.define(_schema)  # type: ignore[no-untyped-call]
 
 
 def _check_norm_weight(x: torch.Tensor, weight: torch.Tensor, op: str) -> None:
     # The passes only fuse a weight of shape [hidden]; anything else is a caller bug.
-    torch._check(
+    torch._check(  # type: ignore[no-untyped-call]
         weight.dim() == 1 and weight.shape[0] == x.shape[-1],
-        lambda: f"npugraph_ex.{op}: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}",
+        lambda: (
+            f"npugraph_ex.{op}: weight must have shape [{x.shape[-1]}], got {list(weight.shape)}"
+        ),
     )
 
 
 def _empty(shape: torch.Size | list[Any], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    # Outputs keep the layout of the main input, as the elementwise aten ops they replace do
+    # (TensorIterator preserves a dense permuted layout): later views rely on those strides.
+    if tuple(shape) == tuple(like.shape):
+        return torch.empty_like(like, dtype=dtype)
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
@@ -62,18 +69,22 @@ def _fake_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_norm_weight(x, weight, "add_rms_norm")
-    torch._check(x.shape == residual.shape, lambda: "add_rms_norm: x and residual differ in shape")
+    torch._check(  # type: ignore[no-untyped-call]
+        x.shape == residual.shape, lambda: "add_rms_norm: x and residual differ in shape"
+    )
     s_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return _empty(x.shape, torch.promote_types(s_dtype, weight.dtype), x), _empty(x.shape, s_dtype, x)
+    return _empty(x.shape, torch.promote_types(s_dtype, weight.dtype), x), _empty(
+        x.shape, s_dtype, x
+    )
 
 
 def _fake_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    shape = torch.broadcast_shapes(gate.shape, up.shape)
+    shape = torch.broadcast_shapes(gate.shape, up.shape)  # type: ignore[no-untyped-call]
     return _empty(shape, torch.promote_types(gate.dtype, up.dtype), gate)
 
 
 def _rope_out(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
+    shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)  # type: ignore[no-untyped-call]
     dtype = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
     return _empty(shape, dtype, x)
 
@@ -108,9 +119,9 @@ _FAKES: dict[str, Callable[..., Any]] = {
 
 for _name in OPS:
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _FAKES[_name], lib=_LIB)
-    _LIB.impl(_name, cpu.KERNELS[_name], "CPU")
-    _LIB.impl(_name, cuda.KERNELS[_name], "CUDA")
-    _LIB.impl(_name, npu.KERNELS[_name], "PrivateUse1")
+    _LIB.impl(_name, cpu.KERNELS[_name], "CPU")  # type: ignore[no-untyped-call]
+    _LIB.impl(_name, cuda.KERNELS[_name], "CUDA")  # type: ignore[no-untyped-call]
+    _LIB.impl(_name, npu.KERNELS[_name], "PrivateUse1")  # type: ignore[no-untyped-call]
 
 
 def fused_op(name: str) -> torch._ops.OpOverload:

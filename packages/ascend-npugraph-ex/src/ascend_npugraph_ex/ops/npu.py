@@ -25,7 +25,7 @@ __all__ = ["KERNELS"]
 
 
 def _torch_npu() -> Any:
-    import torch_npu  # noqa: PLC0415 - only importable on Ascend hosts
+    import torch_npu
 
     return torch_npu
 

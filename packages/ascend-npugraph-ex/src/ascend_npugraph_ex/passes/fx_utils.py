@@ -101,14 +101,13 @@ class FusionRewrite:
         """The index of ``node`` in graph order (as of the last refresh)."""
         return self._order[node]
 
-    def _anchor(self, inputs: Sequence[fx.Node]) -> fx.Node:
+    def anchor(self, inputs: Sequence[fx.Node]) -> fx.Node:
+        """The node after which a new node using ``inputs`` may be inserted."""
         latest = max(inputs, key=lambda n: self._order[n])
         if latest.op == "placeholder":
-            # Keep placeholders together at the top: insert before the first real node.
-            for node in self.graph.nodes:
-                if node.op != "placeholder":
-                    prev: fx.Node = node.prev
-                    return prev
+            # Keep placeholders together at the top: insert after the last one.
+            placeholders: list[fx.Node] = [n for n in self.graph.nodes if n.op == "placeholder"]
+            return placeholders[-1]
         return latest
 
     def apply(
@@ -125,7 +124,7 @@ class FusionRewrite:
         ``erase`` are removed when dead. Returns False (graph untouched) if unsafe.
         """
         inputs = [a for a in args if isinstance(a, fx.Node)]
-        anchor = self._anchor(inputs)
+        anchor = self.anchor(inputs)
         pos = self._order[anchor]
         erase_set = set(erase)
         for old in replaces:

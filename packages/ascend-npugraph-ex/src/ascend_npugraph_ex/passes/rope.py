@@ -177,7 +177,7 @@ def fuse_qk_norm_rope(graph: fx.Graph) -> int:
         if dims is not None:
             # The norm is over the last dim, so transposing its *input* (a view) is free and
             # makes the fused op produce the rotary output in exactly the rotary's layout.
-            with graph.inserting_after(max(q_in, k_in, key=rewrite.position)):  # type: ignore[arg-type]
+            with graph.inserting_after(rewrite.anchor([q_in, k_in])):  # type: ignore[list-item]
                 q_src = graph.call_function(aten.transpose.int, (q_in, *dims))
                 k_src = graph.call_function(aten.transpose.int, (k_in, *dims))
             for src, base in ((q_src, q_in), (k_src, k_in)):

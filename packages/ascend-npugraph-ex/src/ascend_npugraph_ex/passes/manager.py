@@ -37,6 +37,8 @@ class FusionReport:
     counts: Mapping[str, int]
     nodes_before: int
     nodes_after: int
+    launches_before: int = 0
+    launches_after: int = 0
     graph_id: int = 0
     enabled: tuple[str, ...] = field(default=())
 
@@ -52,6 +54,17 @@ class FusionReport:
 
 def _call_nodes(graph: fx.Graph) -> int:
     return sum(1 for n in graph.nodes if n.op == "call_function")
+
+
+def _launches(graph: fx.Graph) -> int:
+    """Nodes that launch a device kernel: op calls that are not views, aliases or getitems."""
+    count = 0
+    for n in graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        if not any(r.alias_info is not None for r in n.target._schema.returns):
+            count += 1
+    return count
 
 
 class PassManager:
@@ -76,7 +89,7 @@ class PassManager:
     def __call__(self, gm: fx.GraphModule) -> FusionReport:
         """Fuse ``gm`` in place (then recompile it) and return the report."""
         graph = gm.graph
-        before = _call_nodes(graph)
+        before, launches_before = _call_nodes(graph), _launches(graph)
         counts: dict[str, int] = {}
         for name in self.enabled:
             counts[name] = FUSIONS[name](graph)
@@ -87,6 +100,8 @@ class PassManager:
             MappingProxyType(counts),
             before,
             _call_nodes(graph),
+            launches_before,
+            _launches(graph),
             graph_id=len(self.reports),
             enabled=self.enabled,
         )

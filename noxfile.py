@@ -21,6 +21,9 @@ import nox
 
 ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
+# Pinned so that a new release of a linter cannot turn CI red without a change of ours.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
 
 # dist name -> import name. Order is dependency order: a package may depend on earlier ones.
 PACKAGES: dict[str, str] = {
@@ -75,7 +78,7 @@ def tests(session: nox.Session, package: str) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check over the whole tree."""
-    session.install("ruff")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -84,7 +87,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over every package's source."""
     _install_stack(session)
-    session.install("mypy")
+    session.install(MYPY)
     sources = [str(ROOT / "packages" / dist / "src") for dist in PACKAGES]
     session.run("mypy", *sources)
 

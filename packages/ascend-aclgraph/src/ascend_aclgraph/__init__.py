@@ -7,6 +7,7 @@ Standalone use, no vLLM needed::
     out = step(tokens, positions)          # padded, replayed, cut back to the real batch
 """
 
+from ascend_aclgraph.attention_support import AttentionSupport
 from ascend_aclgraph.backends import (
     Graph,
     GraphBackend,
@@ -15,17 +16,20 @@ from ascend_aclgraph.backends import (
     get_backend,
 )
 from ascend_aclgraph.capture_sizes import CaptureSizes, default_capture_sizes
+from ascend_aclgraph.dispatcher import GraphDispatcher
 from ascend_aclgraph.errors import (
     AclGraphError,
     BackendUnavailableError,
     CaptureError,
     CaptureSizeError,
     GraphInputError,
+    GraphModeError,
     TaskUpdateError,
 )
 from ascend_aclgraph.graph_capture import weak_ref_tensor
 from ascend_aclgraph.graph_context import GraphContext, current_graph_context, graph_context
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
+from ascend_aclgraph.resolution import resolve_graph_mode
 from ascend_aclgraph.standalone import CapturedCallable, capture
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.tasks import UpdatableTask, updatable
@@ -38,6 +42,7 @@ except ImportError:  # running from a source tree that was never built
 
 __all__ = [
     "AclGraphError",
+    "AttentionSupport",
     "BackendUnavailableError",
     "BatchDescriptor",
     "CaptureError",
@@ -47,9 +52,11 @@ __all__ = [
     "Graph",
     "GraphBackend",
     "GraphContext",
+    "GraphDispatcher",
     "GraphEntry",
     "GraphInputError",
     "GraphMode",
+    "GraphModeError",
     "GraphOptions",
     "GraphPool",
     "GraphStats",
@@ -63,6 +70,7 @@ __all__ = [
     "default_capture_sizes",
     "get_backend",
     "graph_context",
+    "resolve_graph_mode",
     "updatable",
     "weak_ref_tensor",
 ]

@@ -20,7 +20,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.errors import CaptureError
 
-__all__ = ["CaptureGuardMode", "capture_refusal", "check_capturable", "host_sync_methods_refused", "user_frame"]
+__all__ = [
+    "CaptureGuardMode",
+    "capture_refusal",
+    "check_capturable",
+    "host_sync_methods_refused",
+    "user_frame",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _OWN_DIR = os.path.dirname(__file__) + os.sep
@@ -131,7 +137,7 @@ def host_sync_methods_refused() -> Iterator[None]:
                     delattr(torch.Tensor, method)
 
 
-class CaptureGuardMode(TorchDispatchMode):
+class CaptureGuardMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Checks every op run during a device capture; device backends run it around capture.
 
     The CPU twin's recorder performs the same checks itself. On a device the check turns a

@@ -13,7 +13,7 @@ DEFAULT_MAX_CAPTURE_SIZE = 512
 
 
 def default_capture_sizes(max_size: int = DEFAULT_MAX_CAPTURE_SIZE) -> list[int]:
-    """vLLM's default list: 1, 2, 4, then steps of 8 below 256, then steps of 16, up to ``max_size``.
+    """vLLM's default list: 1, 2, 4, steps of 8 below 256, then steps of 16 up to ``max_size``.
 
     The largest size is the last one on that grid that does not exceed ``max_size``.
     """
@@ -43,14 +43,18 @@ class CaptureSizes:
 
     def __init__(self, sizes: Iterable[int] | None = None, *, max_size: int | None = None) -> None:
         if sizes is None:
-            sizes = default_capture_sizes(DEFAULT_MAX_CAPTURE_SIZE if max_size is None else max_size)
+            sizes = default_capture_sizes(
+                DEFAULT_MAX_CAPTURE_SIZE if max_size is None else max_size
+            )
         elif isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
             raise CaptureSizeError(
                 f"capture sizes must be a list of positive ints, got {type(sizes).__name__}"
             )
         checked = [_check_positive_int(s, f"capture size {s!r}") for s in sizes]
         if not checked:
-            raise CaptureSizeError("capture sizes must not be empty; give at least one positive int")
+            raise CaptureSizeError(
+                "capture sizes must not be empty; give at least one positive int"
+            )
         unique = sorted(set(checked))
         if max_size is not None:
             _check_positive_int(max_size, "max_size")

@@ -11,6 +11,7 @@ __all__ = [
     "CaptureError",
     "CaptureSizeError",
     "GraphInputError",
+    "GraphModeError",
     "TaskUpdateError",
 ]
 
@@ -24,7 +25,7 @@ class BackendUnavailableError(AclGraphError):
 
 
 class CaptureError(AclGraphError):
-    """Something inside a graph capture cannot be captured (host sync, data-dependent shape, ...)."""
+    """Something inside a capture cannot be captured (host sync, data-dependent shape, ...)."""
 
 
 class CaptureSizeError(AclGraphError, ValueError):
@@ -33,6 +34,10 @@ class CaptureSizeError(AclGraphError, ValueError):
 
 class GraphInputError(AclGraphError, ValueError):
     """Inputs given to a captured graph do not match what was captured."""
+
+
+class GraphModeError(AclGraphError, ValueError):
+    """A requested graph mode cannot run with the given attention backend and model features."""
 
 
 class TaskUpdateError(AclGraphError, ValueError):

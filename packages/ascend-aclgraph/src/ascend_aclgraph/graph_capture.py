@@ -4,16 +4,65 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils._pytree import tree_flatten
 
 from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
+from ascend_aclgraph.errors import CaptureError
+from ascend_aclgraph.stats import GraphStats
 
-__all__ = ["CapturedGraph", "capture_callable", "weak_ref_tensor"]
+__all__ = [
+    "CaptureFailures",
+    "CapturedGraph",
+    "FailurePolicy",
+    "capture_callable",
+    "check_failure_policy",
+    "weak_ref_tensor",
+]
+
+FailurePolicy = Literal["raise", "eager"]
+
+
+def check_failure_policy(policy: object) -> None:
+    if policy not in ("raise", "eager"):
+        raise ValueError(f"on_capture_failure must be 'raise' or 'eager', got {policy!r}")
+
+
+class CaptureFailures:
+    """Applies a runner's failure policy to a failed capture.
+
+    ``"raise"``: the error propagates (wrapped in :class:`CaptureError` if it is not one).
+    ``"eager"``: the failure is counted, a warning is issued once per runner, and the caller
+    runs that batch class eagerly from then on.
+    """
+
+    def __init__(self, policy: FailurePolicy, stats: GraphStats) -> None:
+        check_failure_policy(policy)
+        self.policy = policy
+        self.stats = stats
+        self._warned = False
+
+    def handle(self, exc: Exception, what: str) -> None:
+        if self.policy == "raise":
+            if isinstance(exc, CaptureError):
+                raise exc
+            raise CaptureError(f"capture of {what} failed: {exc}") from exc
+        self.stats.capture_failures += 1
+        logger.warning("capture of %s failed, running it eagerly: %s", what, exc)
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"graph capture of {what} failed ({exc}); it runs eagerly "
+                "(on_capture_failure='eager'). Further failures are counted in stats.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ def graph_context(
     """Run the block as one forward pass in ``runtime_mode`` keyed by ``descriptor``."""
     if not runtime_mode.valid_runtime_modes():
         raise ValueError(
-            f"a forward pass runs in a runtime mode (NONE, PIECEWISE, FULL), not {runtime_mode.name}"
+            "a forward pass runs in a runtime mode (NONE, PIECEWISE, FULL), "
+            f"not {runtime_mode.name}"
         )
     if runtime_mode is not GraphMode.NONE and descriptor is None:
         raise ValueError(f"runtime mode {runtime_mode.name} needs a BatchDescriptor")

@@ -66,7 +66,9 @@ class GraphMode(enum.Enum):
     def has_mode(self, mode: GraphMode) -> bool:
         """Whether ``mode`` (a runtime mode) is used by this mode for some batch."""
         if not mode.valid_runtime_modes():
-            raise ValueError(f"has_mode() takes a runtime mode (NONE, PIECEWISE, FULL), got {mode.name}")
+            raise ValueError(
+                f"has_mode() takes a runtime mode (NONE, PIECEWISE, FULL), got {mode.name}"
+            )
         if self.separate_routine():
             return mode.value in self.value
         return self is mode
@@ -115,4 +117,6 @@ class BatchDescriptor(NamedTuple):
 
     def relax_for_mixed_batch(self) -> BatchDescriptor:
         """The descriptor a mixed (non-uniform) graph of the same size is keyed by."""
-        return BatchDescriptor(self.num_tokens, uniform_decode=False, num_reqs=None, has_lora=self.has_lora)
+        return BatchDescriptor(
+            self.num_tokens, uniform_decode=False, num_reqs=None, has_lora=self.has_lora
+        )

@@ -17,7 +17,6 @@ import logging
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,15 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from ascend_aclgraph import tasks
 from ascend_aclgraph.backends import GraphBackend, get_backend
 from ascend_aclgraph.capture_sizes import CaptureSizes
-from ascend_aclgraph.errors import CaptureError, GraphInputError
-from ascend_aclgraph.graph_capture import CapturedGraph, capture_callable
+from ascend_aclgraph.errors import GraphInputError
+from ascend_aclgraph.graph_capture import (
+    CapturedGraph,
+    CaptureFailures,
+    FailurePolicy,
+    capture_callable,
+)
 from ascend_aclgraph.stats import GraphStats
-from ascend_aclgraph.wrapper import FailurePolicy, update_graph_tasks
+from ascend_aclgraph.wrapper import update_graph_tasks
 
 __all__ = ["CapturedCallable", "capture"]
 
@@ -75,26 +79,28 @@ class CapturedCallable:
         on_capture_failure: FailurePolicy,
         progress: bool | None,
     ) -> None:
-        if on_capture_failure not in ("raise", "eager"):
-            raise ValueError(
-                f"on_capture_failure must be 'raise' or 'eager', got {on_capture_failure!r}"
-            )
         if isinstance(num_warmups, bool) or not isinstance(num_warmups, int) or num_warmups < 0:
             raise ValueError(f"num_warmups must be an int >= 0, got {num_warmups!r}")
         self.fn = fn
         self.backend = get_backend(backend)
-        self.sizes = batch_sizes if isinstance(batch_sizes, CaptureSizes) else CaptureSizes(batch_sizes)
+        self.sizes = (
+            batch_sizes if isinstance(batch_sizes, CaptureSizes) else CaptureSizes(batch_sizes)
+        )
         self.pad_value = pad_value
         self.clone_outputs = clone_outputs
-        self.on_capture_failure = on_capture_failure
         self.stats = GraphStats()
+        self._failures = CaptureFailures(on_capture_failure, self.stats)
         self.pool = self.backend.new_pool()
         self._lock = threading.Lock()
         self._sample_args = tuple(sample_args)
         self._dims = self._batch_dims(dynamic_dim)
         self._static = self._make_static_buffers()
         self._entries: dict[int, _SizeEntry] = {}
-        self._warned_failure = False
+        # Views of the static buffers and outputs per batch size, made once: slicing a tensor
+        # costs as much as a small kernel launch, and these are on every call's path.
+        self._input_views: dict[int, list[torch.Tensor | None]] = {}
+        self._pad_views: dict[int, list[torch.Tensor | None]] = {}
+        self._output_views: dict[int, list[Any]] = {}
         self._capture_all(num_warmups, progress)
 
     # --- construction -----------------------------------------------------------------------
@@ -110,7 +116,8 @@ class CapturedCallable:
         else:
             raise GraphInputError(
                 "dynamic_dim must be an int (the batch dim of every tensor argument) or a list "
-                f"with one entry (int or None) per sample argument ({len(args)}), got {dynamic_dim!r}"
+                f"with one entry (int or None) per sample argument ({len(args)}), "
+                f"got {dynamic_dim!r}"
             )
         batch = None
         for i, (arg, dim) in enumerate(zip(args, dims, strict=True)):
@@ -184,27 +191,11 @@ class CapturedCallable:
                     self.fn(*args)
             captured = capture_callable(self.backend, self.pool, self.fn, args, {})
         except Exception as exc:
-            if self.on_capture_failure == "raise":
-                if isinstance(exc, CaptureError):
-                    raise
-                raise CaptureError(f"capture of batch size {size} failed: {exc}") from exc
-            self.stats.capture_failures += 1
-            if not self._warned_failure:
-                self._warned_failure = True
-                warnings.warn(
-                    f"graph capture of batch size {size} failed ({exc}); that size runs eagerly "
-                    "(on_capture_failure='eager')",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            self._failures.handle(exc, f"batch size {size}")
             return _SizeEntry(size, None, [], None, [])
         flat, spec = tree_flatten(captured.outputs)
-        batched = [
-            isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat
-        ]
-        self.stats.captures += 1
-        self.stats.capture_seconds += captured.seconds
-        self.stats.capture_seconds_by_size[size] = captured.seconds
+        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat]
+        self.stats.record_capture(size, captured.seconds)
         return _SizeEntry(size, captured, flat, spec, batched)
 
     # --- calls ------------------------------------------------------------------------------
@@ -261,9 +252,40 @@ class CapturedCallable:
                     f"argument {i}: captured non-batch shape {tuple(expected)} and dtype "
                     f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
                 )
-            static.narrow(dim, 0, n).copy_(arg)
+            self._input_view(n, i).copy_(arg)
             if size > n and self.pad_value is not None:
-                static.narrow(dim, n, size - n).fill_(self.pad_value)
+                self._pad_view(n, size, i).fill_(self.pad_value)
+
+    def _input_view(self, n: int, i: int) -> torch.Tensor:
+        views = self._input_views.get(n)
+        if views is None:
+            views = self._input_views[n] = [
+                None if d is None else s.narrow(d, 0, n)
+                for s, d in zip(self._static, self._dims, strict=True)
+            ]
+        view = views[i]
+        assert view is not None
+        return view
+
+    def _pad_view(self, n: int, size: int, i: int) -> torch.Tensor:
+        views = self._pad_views.get(n)
+        if views is None:
+            views = self._pad_views[n] = [
+                None if d is None else s.narrow(d, n, size - n)
+                for s, d in zip(self._static, self._dims, strict=True)
+            ]
+        view = views[i]
+        assert view is not None
+        return view
+
+    def _outputs_for(self, n: int, entry: _SizeEntry) -> list[Any]:
+        outs = self._output_views.get(n)
+        if outs is None:
+            outs = self._output_views[n] = [
+                t.narrow(0, 0, n) if b else t
+                for t, b in zip(entry.flat_outputs, entry.batched, strict=True)
+            ]
+        return outs
 
     def __call__(self, *args: Any, task_args: dict[str, Any] | None = None) -> Any:
         """Run one batch: replay the graph of the next capture size up, or run eagerly.
@@ -287,11 +309,9 @@ class CapturedCallable:
                 update_graph_tasks(graph, _pad_task_args(task_args, n, entry.size))
             graph.replay()
             self.stats.replays += 1
-            outs = [
-                (t.narrow(0, 0, n) if b else t).clone() if self.clone_outputs else
-                (t.narrow(0, 0, n) if b else t)
-                for t, b in zip(entry.flat_outputs, entry.batched, strict=True)
-            ]
+            outs = self._outputs_for(n, entry)
+            if self.clone_outputs:
+                outs = [t.clone() if isinstance(t, torch.Tensor) else t for t in outs]
             assert entry.spec is not None
             return tree_unflatten(outs, entry.spec)
 

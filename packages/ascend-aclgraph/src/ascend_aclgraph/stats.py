@@ -19,6 +19,11 @@ class GraphStats:
     capture_seconds_by_size: dict[int, float] = field(default_factory=dict)
     pool_bytes: int = 0
 
+    def record_capture(self, size: int, seconds: float) -> None:
+        self.captures += 1
+        self.capture_seconds += seconds
+        self.capture_seconds_by_size[size] = seconds
+
     def as_dict(self) -> dict[str, object]:
         return {
             "captures": self.captures,

@@ -85,7 +85,9 @@ def _argument_names(op: Callable[..., Any]) -> list[str] | None:
 class UpdatableTask:
     """One captured op call whose arguments can be changed between replays."""
 
-    def __init__(self, op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         self.op = op
         self.args = args
         self.kwargs = dict(kwargs)
@@ -131,7 +133,8 @@ class UpdatableTask:
                 if not isinstance(value, torch.Tensor):
                     raise TaskUpdateError(
                         f"argument {name!r} of {self.describe()} was captured as a tensor; "
-                        f"update it with a tensor of shape {tuple(old.shape)}, got {type(value).__name__}"
+                        f"update it with a tensor of shape {tuple(old.shape)}, "
+                        f"got {type(value).__name__}"
                     )
                 if value.shape != old.shape or value.dtype != old.dtype:
                     raise TaskUpdateError(

@@ -20,17 +20,23 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ascend_aclgraph.backends import GraphBackend, GraphPool, get_backend
-from ascend_aclgraph.errors import CaptureError, GraphInputError
-from ascend_aclgraph.graph_capture import CapturedGraph, capture_callable, weak_ref_tensor
+from ascend_aclgraph.errors import GraphInputError
+from ascend_aclgraph.graph_capture import (
+    CapturedGraph,
+    CaptureFailures,
+    FailurePolicy,
+    capture_callable,
+    check_failure_policy,
+    weak_ref_tensor,
+)
 from ascend_aclgraph.graph_context import current_graph_context
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
 from ascend_aclgraph.stats import GraphStats
@@ -38,8 +44,6 @@ from ascend_aclgraph.stats import GraphStats
 __all__ = ["GraphEntry", "GraphOptions", "GraphWrapper"]
 
 logger = logging.getLogger(__name__)
-
-FailurePolicy = Literal["raise", "eager"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,13 @@ class GraphOptions:
     on_capture_failure: FailurePolicy = "raise"
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_warmups, bool) or not isinstance(self.num_warmups, int) or self.num_warmups < 0:
+        if (
+            isinstance(self.num_warmups, bool)
+            or not isinstance(self.num_warmups, int)
+            or self.num_warmups < 0
+        ):
             raise ValueError(f"num_warmups must be an int >= 0, got {self.num_warmups!r}")
-        if self.on_capture_failure not in ("raise", "eager"):
-            raise ValueError(
-                f"on_capture_failure must be 'raise' or 'eager', got {self.on_capture_failure!r}"
-            )
+        check_failure_policy(self.on_capture_failure)
 
 
 @dataclass
@@ -93,7 +98,8 @@ class GraphWrapper:
     ) -> None:
         if runtime_mode not in (GraphMode.PIECEWISE, GraphMode.FULL):
             raise ValueError(
-                f"a GraphWrapper captures in runtime mode PIECEWISE or FULL, not {runtime_mode.name}"
+                "a GraphWrapper captures in runtime mode PIECEWISE or FULL, "
+                f"not {runtime_mode.name}"
             )
         self.runnable = runnable
         self.runtime_mode = runtime_mode
@@ -102,7 +108,7 @@ class GraphWrapper:
         self.options = options or GraphOptions()
         self.entries: dict[BatchDescriptor, GraphEntry] = {}
         self.stats = GraphStats()
-        self._warned_failure = False
+        self._failures = CaptureFailures(self.options.on_capture_failure, self.stats)
         self._lock = threading.RLock()
 
     def unwrap(self) -> Callable[..., Any]:
@@ -146,21 +152,8 @@ class GraphWrapper:
         try:
             captured = capture_callable(self.backend, self.pool, self.runnable, args, kwargs)
         except Exception as exc:
-            if self.options.on_capture_failure == "raise":
-                if isinstance(exc, CaptureError):
-                    raise
-                raise CaptureError(f"capture of {entry.descriptor} failed: {exc}") from exc
+            self._failures.handle(exc, str(entry.descriptor))
             entry.eager = True
-            self.stats.capture_failures += 1
-            if not self._warned_failure:
-                self._warned_failure = True
-                warnings.warn(
-                    f"graph capture of {entry.descriptor} failed ({exc}); running it eagerly "
-                    "(on_capture_failure='eager'). Further failures are counted in stats.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            logger.warning("capture of %s failed, running eagerly: %s", entry.descriptor, exc)
             return self.runnable(*args, **kwargs)
         entry.captured = captured
         entry.input_addresses = _tensor_addresses(args, kwargs)
@@ -170,9 +163,7 @@ class GraphWrapper:
                 lambda x: weak_ref_tensor(x) if isinstance(x, torch.Tensor) else x, output
             )
         entry.output = output
-        self.stats.captures += 1
-        self.stats.capture_seconds += captured.seconds
-        self.stats.capture_seconds_by_size[entry.descriptor.num_tokens] = captured.seconds
+        self.stats.record_capture(entry.descriptor.num_tokens, captured.seconds)
         self.stats.pool_bytes = self.pool.nbytes
         logger.debug("captured %s in %.3fs", entry.descriptor, captured.seconds)
         return captured.outputs

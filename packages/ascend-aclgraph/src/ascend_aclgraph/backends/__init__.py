@@ -9,7 +9,14 @@ import torch
 from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
 from ascend_aclgraph.errors import BackendUnavailableError
 
-__all__ = ["BACKEND_NAMES", "Graph", "GraphBackend", "GraphPool", "available_backends", "get_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "Graph",
+    "GraphBackend",
+    "GraphPool",
+    "available_backends",
+    "get_backend",
+]
 
 BACKEND_NAMES = ("npu", "cuda", "cpu")
 _instances: dict[str, GraphBackend] = {}

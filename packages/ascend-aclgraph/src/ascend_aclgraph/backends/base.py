@@ -121,7 +121,11 @@ class GraphBackend(abc.ABC):
 
     @abc.abstractmethod
     def run_updatable(
-        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+        self,
+        task: UpdatableTask,
+        op: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
     ) -> Any:
         """Run ``op`` inside a capture so that its host-side arguments can be rewritten later."""
 
@@ -160,8 +164,8 @@ class GraphBackend(abc.ABC):
             else:
                 graph.reset()
 
-    def declare_outputs(self, graph: Graph, outputs: Sequence[torch.Tensor]) -> None:
-        """See :meth:`Graph.declare_outputs`; device backends need nothing."""
+    def declare_outputs(self, graph: Graph, outputs: Sequence[torch.Tensor]) -> None:  # noqa: B027
+        """See :meth:`Graph.declare_outputs`; device backends need nothing (not abstract)."""
 
     def memory_reserved(self) -> int:
         """Bytes the device allocator holds (used to measure what a capture adds)."""

@@ -49,8 +49,7 @@ class TwinGraph:
         program = self.program
         if program is None:
             raise RuntimeError("replay() of a twin graph that holds no captured program")
-        with torch.no_grad():
-            program.replay()
+        program.replay()
 
 
 class CpuTwinBackend(GraphBackend):
@@ -71,7 +70,9 @@ class CpuTwinBackend(GraphBackend):
 
     def new_graph(self, pool: GraphPool) -> Graph:
         if not isinstance(pool, _CpuGraphPool):
-            raise TypeError(f"the cpu backend needs a pool from CpuTwinBackend.new_pool(), got {pool!r}")
+            raise TypeError(
+                f"the cpu backend needs a pool from CpuTwinBackend.new_pool(), got {pool!r}"
+            )
         return Graph(self, TwinGraph(), pool)
 
     @contextlib.contextmanager
@@ -115,7 +116,11 @@ class CpuTwinBackend(GraphBackend):
         graph.native.outputs = None
 
     def run_updatable(
-        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+        self,
+        task: UpdatableTask,
+        op: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
     ) -> Any:
         recorder = task.graph.native.recorder
         if recorder is None:

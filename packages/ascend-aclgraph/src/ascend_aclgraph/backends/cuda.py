@@ -53,7 +53,7 @@ class CudaGraphBackend(GraphBackend):
             torch.cuda.graph(
                 graph.native, pool=graph.pool.handle, capture_error_mode=self.capture_error_mode
             ),
-            CaptureGuardMode(),
+            CaptureGuardMode(),  # type: ignore[no-untyped-call]
         ):
             yield
         graph.pool.captured_bytes += max(0, torch.cuda.memory_reserved(self._device) - before)
@@ -74,7 +74,11 @@ class CudaGraphBackend(GraphBackend):
         return int(torch.cuda.memory_reserved(self._device))
 
     def run_updatable(
-        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+        self,
+        task: UpdatableTask,
+        op: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
     ) -> Any:
         return op(*args, **kwargs)
 

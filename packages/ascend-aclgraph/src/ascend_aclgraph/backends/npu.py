@@ -88,7 +88,7 @@ class NpuGraphBackend(GraphBackend):
             self._npu.graph(
                 graph.native, pool=graph.pool.handle, capture_error_mode=self.capture_error_mode
             ),
-            CaptureGuardMode(),
+            CaptureGuardMode(),  # type: ignore[no-untyped-call]
         ):
             yield
         graph.pool.captured_bytes += max(0, self.memory_reserved() - before)
@@ -117,7 +117,11 @@ class NpuGraphBackend(GraphBackend):
         return int(self._npu.memory_reserved())
 
     def run_updatable(
-        self, task: UpdatableTask, op: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]
+        self,
+        task: UpdatableTask,
+        op: Callable[..., Any],
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
     ) -> Any:
         schema = getattr(op, "_schema", None)
         if schema is None or not schema.is_mutable:

@@ -18,8 +18,8 @@ Three analyses run once, at the end of a capture:
 
 from __future__ import annotations
 
-import gc
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +28,7 @@ import torch
 
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.twin.codegen import generate_replay
-from ascend_aclgraph.twin.recorder import OpRecord, iter_tensors, storage_key
+from ascend_aclgraph.twin.recorder import OpRecord, storage_key
 
 __all__ = ["TwinPool", "TwinProgram", "build_program"]
 
@@ -93,8 +93,7 @@ def _select_replayed(records: Sequence[OpRecord], internal: dict[int, Any]) -> l
             rec.updatable
             or torch.Tag.nondeterministic_seeded in rec.func.tags
             or any(
-                k not in internal or k in dynamic_keys
-                for k in map(storage_key, rec.read_tensors())
+                k not in internal or k in dynamic_keys for k in map(storage_key, rec.read_tensors())
             )
         )
         if is_dynamic:
@@ -126,53 +125,52 @@ def _check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch
             )
 
 
-def _our_containers(records: Sequence[OpRecord], extra: Iterable[Any]) -> set[int]:
-    ids: set[int] = set()
+def _count_our_references(records: Sequence[OpRecord], extra: Iterable[Any]) -> Counter[int]:
+    """How many references to each object the twin's own containers hold (by object id)."""
+    seen: set[int] = set()
+    counts: Counter[int] = Counter()
 
     def walk(value: Any) -> None:
-        if isinstance(value, (list, tuple, dict)):
-            ids.add(id(value))
-            for v in value.values() if isinstance(value, dict) else value:
-                walk(v)
+        # Each container is counted once, however many paths lead to it: counting a slot twice
+        # would hide a reference from outside.
+        if not isinstance(value, (list, tuple, dict)) or id(value) in seen:
+            return
+        seen.add(id(value))
+        for v in value.values() if isinstance(value, dict) else value:
+            counts[id(v)] += 1
+            walk(v)
 
     for rec in records:
-        ids.add(id(rec))
-        for part in (rec.args, rec.kwargs, rec.outputs, rec.written, rec.extra):
+        for part in (rec.args, rec.kwargs, rec.outputs, rec.written):
             walk(part)
     for value in extra:
-        ids.add(id(value))
         walk(value)
-    return ids
+    return counts
 
 
-def _held_from_outside(
-    tensors_by_key: dict[int, list[torch.Tensor]], candidates: set[int], ours: set[int]
+# References to a candidate tensor while it is checked, beyond the counted ones: the loop
+# variable and getrefcount's own argument.
+_CHECK_REFS = 2
+
+
+def _possibly_held(
+    tensors_by_key: dict[int, list[torch.Tensor]], candidates: set[int], ours: Counter[int]
 ) -> set[int]:
-    """Keys of candidate storages with a tensor that something outside the graph references."""
-    objects = [t for k in candidates for t in tensors_by_key[k]]
-    if not objects:
-        return set()
-    wanted = {id(t): k for k in candidates for t in tensors_by_key[k]}
-    own_frames = set()
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_filename.startswith(__file__.rsplit("twin", 1)[0]):
-            own_frames.add(id(frame))
-        frame = frame.f_back  # type: ignore[assignment]
+    """Keys of candidate storages with a tensor that something besides the twin may reference.
+
+    A Python refcount above what the twin's own containers explain means another holder: a
+    module attribute, a caller's variable. C++ owners (a view's base, say) can raise it too, so
+    this errs on the side of "held", which only costs memory: such a storage keeps its own
+    memory instead of sharing pool blocks. It never misses a Python holder, which would let a
+    later replay overwrite a tensor someone still reads.
+    """
     held: set[int] = set()
-    for referrer in gc.get_referrers(*objects):
-        if id(referrer) in ours or id(referrer) in own_frames or referrer is objects:
-            continue
-        if isinstance(referrer, dict):
-            values: Iterable[Any] = referrer.values()
-        elif isinstance(referrer, (list, tuple)):
-            values = referrer
-        else:
-            # Frames, objects with __slots__, cells: inspect through gc's own view of them.
-            values = gc.get_referents(referrer)
-        for v in values:
-            if id(v) in wanted:
-                held.add(wanted[id(v)])
+    for key in candidates:
+        objects = tensors_by_key[key]
+        for t in objects:
+            if sys.getrefcount(t) - ours[id(t)] - _CHECK_REFS > 0:
+                held.add(key)
+                break
     return held
 
 
@@ -204,8 +202,8 @@ def build_program(
     if outputs is not None:
         candidates = {k for k in written_live if internal[k].nbytes() > 0}
         output_keys = {storage_key(t) for t in outputs}
-        ours = _our_containers(records, [outputs, *keep_alive, *tensors_by_key.values()])
-        held = _held_from_outside(tensors_by_key, candidates - output_keys, ours)
+        ours = _count_our_references(records, [outputs, *keep_alive, *tensors_by_key.values()])
+        held = _possibly_held(tensors_by_key, candidates - output_keys, ours)
         planned = candidates - held
     else:
         output_keys = set()
@@ -255,8 +253,10 @@ def _plan_and_rebind(
         best = None
         for b, until in enumerate(busy_until):
             size = pool.blocks[b].nbytes()
-            if until < first[k] and size >= need and (
-                best is None or size < pool.blocks[best].nbytes()
+            if (
+                until < first[k]
+                and size >= need
+                and (best is None or size < pool.blocks[best].nbytes())
             ):
                 best = b
         if best is None:

@@ -90,7 +90,7 @@ def _written_args(
     return written
 
 
-class Recorder(TorchDispatchMode):
+class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Run every op for real and keep an :class:`OpRecord` of it.
 
     Ops are refused (``CaptureError``) when they read tensor data on the host or produce
@@ -98,7 +98,7 @@ class Recorder(TorchDispatchMode):
     """
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.records: list[OpRecord] = []
         # Storages created by recorded ops (everything else is external: inputs, weights, caches).
         self.internal: dict[int, torch.UntypedStorage] = {}

@@ -8,6 +8,7 @@ multi-GB CUDA build.
     nox -s "tests(package='ascend-aclgraph')" -- --backend=cpu
     nox -s lint typecheck build
     nox -s bench-aclgraph     # prints a table, saves a plot under bench-results/
+    nox -s bench-npugraph-ex  # fusion effect per layer and step times (CPU: 1 thread, medians)
     nox -s demo               # the main job of the README
 """
 
@@ -27,6 +28,7 @@ MYPY = "mypy==2.4.1"
 # dist name -> import name. Order is dependency order: a package may depend on earlier ones.
 PACKAGES: dict[str, str] = {
     "ascend-aclgraph": "ascend_aclgraph",
+    "ascend-npugraph-ex": "ascend_npugraph_ex",
 }
 
 nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
@@ -133,6 +135,21 @@ def bench_aclgraph(session: nox.Session) -> None:
     session.run(
         "python",
         str(ROOT / "benchmarks" / "bench_aclgraph.py"),
+        "--out",
+        str(ROOT / "bench-results"),
+        *session.posargs,
+        env=env,
+    )
+
+
+@nox.session(name="bench-npugraph-ex")
+def bench_npugraph_ex(session: nox.Session) -> None:
+    """npugraph_ex: nodes/launches per layer before and after fusion, step time vs eager."""
+    _install_stack(session, "bench")
+    env = _single_thread_env() if not os.environ.get("BENCH_THREADS") else {}
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_npugraph_ex.py"),
         "--out",
         str(ROOT / "bench-results"),
         *session.posargs,

@@ -122,9 +122,7 @@ class StaticBatchInputs:
         args = self._args.get(size)
         if args is None:
             args = self._args[size] = tuple(
-                size
-                if i in self.size_slots
-                else (s if dim is None else s.narrow(dim, 0, size))
+                size if i in self.size_slots else (s if dim is None else s.narrow(dim, 0, size))
                 for i, (s, dim) in enumerate(zip(self.static, self.dims, strict=True))
             )
         return args

@@ -83,6 +83,11 @@ class GraphBackend(abc.ABC):
     # Whether capturing also executes the work (the cpu twin must run ops to record them; a
     # device capture only records). Callers replay once after a capture when it does not.
     capture_executes: ClassVar[bool] = False
+    # Whether a graph's outputs survive the replay of another graph of the same pool while the
+    # caller holds them. Device allocators track liveness, so they do; the cpu twin plans a
+    # pool's blocks per graph and only promises outputs until the next replay in that pool.
+    # Runners that chain graphs (PIECEWISE pieces) give each graph its own pool where not.
+    pool_preserves_live_outputs: ClassVar[bool] = True
 
     @property
     @abc.abstractmethod

@@ -57,6 +57,7 @@ class CpuTwinBackend(GraphBackend):
 
     name = "cpu"
     capture_executes = True
+    pool_preserves_live_outputs = False
 
     def __init__(self) -> None:
         self._capturing = threading.local()

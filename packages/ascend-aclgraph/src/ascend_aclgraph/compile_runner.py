@@ -97,7 +97,9 @@ def _analyze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], dim: int) 
             f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs"
         )
         return layout
-    values = [n.meta.get("example_value", ex) for n, ex in zip(placeholders, example_inputs)]
+    values = [
+        n.meta.get("example_value", ex) for n, ex in zip(placeholders, example_inputs, strict=True)
+    ]
     batch = None
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > dim:
@@ -172,13 +174,13 @@ def _bake_item_inputs(
     by_name = {n.name: n for n in graph.nodes if n.op == "placeholder"}
     for _, name, value in targets:
         for item in list(by_name[name].users):
+
+            def swap(a: Any, item: torch.fx.Node = item, value: Any = value) -> Any:
+                return value if a is item else a
+
             for user in list(item.users):
-                user.args = torch.fx.node.map_arg(
-                    user.args, lambda a, item=item, value=value: value if a is item else a
-                )
-                user.kwargs = torch.fx.node.map_arg(
-                    user.kwargs, lambda a, item=item, value=value: value if a is item else a
-                )
+                user.args = tuple(torch.fx.node.map_aggregate(user.args, swap))
+                user.kwargs = dict(torch.fx.node.map_aggregate(user.kwargs, swap))
             graph.erase_node(item)
     return torch.fx.GraphModule(gm, graph), [(i, v) for i, _, v in targets]
 

@@ -33,7 +33,7 @@ from ascend_aclgraph.splitting import SplitItem, SplittingOps, SplittingOpSpec, 
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.wrapper import GraphOptions, GraphWrapper
 
-__all__ = ["PiecewiseGraph", "PieceRunner", "sum_stats"]
+__all__ = ["PieceRunner", "PiecewiseGraph", "sum_stats"]
 
 
 class PieceRunner:

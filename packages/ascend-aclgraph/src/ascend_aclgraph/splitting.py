@@ -7,9 +7,9 @@ every other submodule is a piece captured per batch descriptor.
 
 Splitting ops are given as any mix of:
 
-* op names, ``"namespace::op"`` (every overload) or ``"namespace::op.overload"`` (one; ``.default`` for the default overload), matched
-  by name so that ops of libraries that are not loaded (``vllm::unified_attention``) can be
-  listed;
+* op names, ``"namespace::op"`` (every overload) or ``"namespace::op.overload"`` (one;
+  ``.default`` for the default overload), matched by name so that ops of libraries that are
+  not loaded (``vllm::unified_attention``) can be listed;
 * dotted Python paths, ``"torch.nn.functional.scaled_dot_product_attention"``, imported once;
 * ``OpOverload`` / ``OpOverloadPacket`` objects, or any other callable, matched by identity.
 """

@@ -115,10 +115,7 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(b, cfg.num_kv_heads, cfg.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if seq_ids is None:
-            rows = torch.arange(b, device=x.device)
-        else:
-            rows = seq_ids
+        rows = torch.arange(b, device=x.device) if seq_ids is None else seq_ids
         # Every token's K/V lands in the cache before attention, so tokens of one request in
         # this batch see each other; the mask below keeps it causal.
         self.k_cache[rows, :, positions] = k

@@ -108,11 +108,14 @@ def test_full_and_piecewise_nests_full_around_pieces_and_picks_by_hint() -> None
     # Same signature for both kinds of batch, so one compiled graph serves both.
     _check_against_padded_eager(model, compiled, _decode_batch(3, gen, seq_ids=True), 4, True)
     (runner,) = compiler.runners
-    assert runner.full is not None and runner.piecewise is not None
+    assert runner.full is not None
+    assert runner.piecewise is not None
     assert runner.full.runnable is runner.piecewise
-    assert runner.full.stats.captures == 1 and runner.piecewise.stats.captures == 0
+    assert runner.full.stats.captures == 1
+    assert runner.piecewise.stats.captures == 0
     _check_against_padded_eager(model, compiled, _mixed_batch(3, gen), 4, False)
-    assert runner.full.stats.captures == 1 and runner.piecewise.stats.captures == 3
+    assert runner.full.stats.captures == 1
+    assert runner.piecewise.stats.captures == 3
     assert set(runner.full.entries) == {ag.BatchDescriptor(4, uniform_decode=True, num_reqs=4)}
 
 
@@ -139,13 +142,16 @@ def test_graph_break_gives_each_graph_its_own_runner() -> None:
         h = first(_pad(x, size), _pad(positions, size))[:n]
         expected = second(_pad(h, size), _pad(positions, size))[:n]
         assert torch.equal(got, expected)
-        for a, b in zip(first.cache_state() + second.cache_state(), after[0] + after[1]):
+        for a, b in zip(
+            first.cache_state() + second.cache_state(), after[0] + after[1], strict=False
+        ):
             assert torch.equal(a[:n], b[:n])
         first.load_cache_state(after[0])
         second.load_cache_state(after[1])
     assert len(compiler.runners) == 2
     assert [r.stats.captures for r in compiler.runners] == [6, 6]  # sizes 4 and 8, 3 pieces
-    assert compiler.stats.captures == 12 and compiler.stats.replays == 6
+    assert compiler.stats.captures == 12
+    assert compiler.stats.replays == 6
 
 
 def test_recompile_for_a_new_size_shares_the_compiler_pool_and_stats() -> None:
@@ -159,13 +165,16 @@ def test_recompile_for_a_new_size_shares_the_compiler_pool_and_stats() -> None:
     for n, size in [(3, 3), (5, 8), (3, 4), (6, 8), (5, 8)]:
         _check_against_padded_eager(model, compiled, _decode_batch(n, gen), size, True)
     static, dynamic = compiler.runners
-    assert static.layout.static_size == 3 and static.full is not None
+    assert static.layout.static_size == 3
+    assert static.full is not None
     assert set(static.full.entries) == {ag.BatchDescriptor(3)}
-    assert dynamic.layout.static_size is None and dynamic.layout.size_slots
+    assert dynamic.layout.static_size is None
+    assert dynamic.layout.size_slots
     assert dynamic.full is not None
     assert set(dynamic.full.entries) == {ag.BatchDescriptor(8), ag.BatchDescriptor(4)}
     assert static.pools() == dynamic.pools() == [compiler.pool]
-    assert compiler.stats.captures == 3 and compiler.stats.replays == 2
+    assert compiler.stats.captures == 3
+    assert compiler.stats.replays == 2
 
 
 def test_changed_float_attribute_runs_eagerly_instead_of_replaying_a_stale_constant() -> None:
@@ -188,7 +197,8 @@ def test_changed_float_attribute_runs_eagerly_instead_of_replaying_a_stale_const
     # Not bitwise: dynamo hands the graph eps through a float32 tensor, eager uses the float.
     # A replay with the stale eps (1e-6) would be off by ~1e-4 and fail here.
     torch.testing.assert_close(got, expected)
-    assert runner.eager_calls == 1 and runner.stats.replays == 0
+    assert runner.eager_calls == 1
+    assert runner.stats.replays == 0
 
 
 def test_non_batch_dynamic_dim_runs_eagerly_with_a_warning() -> None:
@@ -200,7 +210,8 @@ def test_non_batch_dynamic_dim_runs_eagerly_with_a_warning() -> None:
     with pytest.warns(RuntimeWarning, match="runs eagerly: input 1 is a symbolic size"):
         out = compiled(torch.ones(2, 5))
     assert torch.equal(out, torch.full((2,), 5.0))
-    assert compiler.eager_calls == 1 and compiler.num_graphs == 0
+    assert compiler.eager_calls == 1
+    assert compiler.num_graphs == 0
 
 
 @pytest.mark.parametrize(
@@ -285,7 +296,8 @@ def test_grad_mode_with_trainable_parameters_runs_eagerly() -> None:
         out = compiled(torch.ones(3, 4))
     out.sum().backward()
     assert layer.weight.grad is not None
-    assert compiler.num_graphs == 0 and compiler.eager_calls == 1
+    assert compiler.num_graphs == 0
+    assert compiler.eager_calls == 1
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(compiled(torch.ones(3, 4)), layer(torch.ones(3, 4)))

@@ -121,7 +121,8 @@ def test_piecewise_graph_replays_pieces_and_runs_splitting_ops_eagerly() -> None
     pw = ag.PiecewiseGraph(
         gm, splitting_ops=["aclgraph_test::attn"], backend=backend, pool=backend.new_pool()
     )
-    assert len(pw.pieces) == 3 and len(pw.splitting_items) == 2
+    assert len(pw.pieces) == 3
+    assert len(pw.splitting_items) == 2
     w = torch.randn(8, 8)
     x = torch.zeros(4, 8)  # the static input buffer, as a runner would keep it
     desc = ag.BatchDescriptor(4)
@@ -133,7 +134,8 @@ def test_piecewise_graph_replays_pieces_and_runs_splitting_ops_eagerly() -> None
         assert CALLS["attn"] == 2, "splitting ops must run on every call, replay or not"
         assert torch.equal(got, _toy(x, w)), step
     stats = pw.stats
-    assert stats.captures == 3 and stats.replays == 6
+    assert stats.captures == 3
+    assert stats.replays == 6
     # Outside a PIECEWISE context the pieces pass through.
     with ag.graph_context(ag.GraphMode.FULL, desc):
         assert torch.equal(pw(x, w), _toy(x, w))

@@ -143,7 +143,7 @@ def test_graph_break_gives_each_graph_its_own_runner() -> None:
         expected = second(_pad(h, size), _pad(positions, size))[:n]
         assert torch.equal(got, expected)
         for a, b in zip(
-            first.cache_state() + second.cache_state(), after[0] + after[1], strict=False
+            first.cache_state() + second.cache_state(), after[0] + after[1], strict=True
         ):
             assert torch.equal(a[:n], b[:n])
         first.load_cache_state(after[0])

@@ -8,6 +8,7 @@ multi-GB CUDA build.
     nox -s "tests(package='ascend-aclgraph')" -- --backend=cpu
     nox -s lint typecheck build
     nox -s bench-aclgraph     # prints a table, saves a plot under bench-results/
+    nox -s bench-graph-modes  # eager vs FULL vs PIECEWISE vs FULL_AND_PIECEWISE (torch.compile)
     nox -s demo               # the main job of the README
 """
 
@@ -118,6 +119,21 @@ def bench_aclgraph(session: nox.Session) -> None:
     session.run(
         "python",
         str(ROOT / "benchmarks" / "bench_aclgraph.py"),
+        "--out",
+        str(ROOT / "bench-results"),
+        *session.posargs,
+        env=env,
+    )
+
+
+@nox.session(name="bench-graph-modes")
+def bench_graph_modes(session: nox.Session) -> None:
+    """Graph modes through the aclgraph torch.compile backend: step time, graphs, capture time."""
+    _install_stack(session, "bench")
+    env = _single_thread_env() if not os.environ.get("BENCH_THREADS") else {}
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_graph_modes.py"),
         "--out",
         str(ROOT / "bench-results"),
         *session.posargs,

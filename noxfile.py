@@ -9,6 +9,7 @@ multi-GB CUDA build.
     nox -s lint typecheck build
     nox -s bench-aclgraph     # prints a table, saves a plot under bench-results/
     nox -s bench-npugraph-ex  # fusion effect per layer and step times (CPU: 1 thread, medians)
+    nox -s bench-graph-modes  # eager vs FULL vs PIECEWISE vs FULL_AND_PIECEWISE (torch.compile)
     nox -s demo               # the main job of the README
 """
 
@@ -127,31 +128,29 @@ def demo(session: nox.Session) -> None:
     session.run("python", "-m", "ascend_aclgraph.demo", *session.posargs)
 
 
+def _run_benchmark(session: nox.Session, script: str) -> None:
+    _install_stack(session, "bench")
+    # CPU timings on one thread unless BENCH_THREADS says otherwise: this machine is noisy.
+    env = _single_thread_env() if not os.environ.get("BENCH_THREADS") else {}
+    out = str(ROOT / "bench-results")
+    session.run(
+        "python", str(ROOT / "benchmarks" / script), "--out", out, *session.posargs, env=env
+    )
+
+
 @nox.session(name="bench-aclgraph")
 def bench_aclgraph(session: nox.Session) -> None:
     """ACLGraph runtime: eager vs replay, capture time, pool bytes, wrapper overhead."""
-    _install_stack(session, "bench")
-    env = _single_thread_env() if not os.environ.get("BENCH_THREADS") else {}
-    session.run(
-        "python",
-        str(ROOT / "benchmarks" / "bench_aclgraph.py"),
-        "--out",
-        str(ROOT / "bench-results"),
-        *session.posargs,
-        env=env,
-    )
+    _run_benchmark(session, "bench_aclgraph.py")
 
 
 @nox.session(name="bench-npugraph-ex")
 def bench_npugraph_ex(session: nox.Session) -> None:
     """npugraph_ex: nodes/launches per layer before and after fusion, step time vs eager."""
-    _install_stack(session, "bench")
-    env = _single_thread_env() if not os.environ.get("BENCH_THREADS") else {}
-    session.run(
-        "python",
-        str(ROOT / "benchmarks" / "bench_npugraph_ex.py"),
-        "--out",
-        str(ROOT / "bench-results"),
-        *session.posargs,
-        env=env,
-    )
+    _run_benchmark(session, "bench_npugraph_ex.py")
+
+
+@nox.session(name="bench-graph-modes")
+def bench_graph_modes(session: nox.Session) -> None:
+    """Graph modes through the aclgraph torch.compile backend: step time, graphs, capture time."""
+    _run_benchmark(session, "bench_graph_modes.py")

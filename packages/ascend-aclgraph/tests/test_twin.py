@@ -81,25 +81,30 @@ def test_intermediates_share_pool_blocks_and_graphs_share_the_pool() -> None:
     pool = backend.new_pool()
     big, _ = _capture(chain, torch.randn(16, 32), pool=pool)
     after_big = pool.nbytes
-    _small, _ = _capture(chain, torch.randn(8, 32), pool=pool)
+    _capture(chain, torch.randn(8, 32), pool=pool)
     prog = big.native.program
     # 16 intermediates of 2 KiB each were planned, but live ranges let them share a few blocks.
     assert prog.planned_bytes >= 16 * 16 * 32 * 4
     assert after_big < prog.planned_bytes
-    assert pool.nbytes == after_big  # the smaller graph fit entirely in the larger one's blocks
+    # The smaller graph's temporaries fit in the larger one's free blocks; only its output,
+    # which must not land on the larger graph's (pinned) output, needs a new block.
+    assert pool.nbytes - after_big <= 8 * 32 * 4 + 64
 
 
-def test_outputs_of_one_graph_are_overwritten_by_another_in_the_same_pool() -> None:
-    """The device pool contract: outputs are valid until the next replay in that pool."""
+def test_outputs_survive_other_graphs_of_the_pool_like_on_a_device() -> None:
+    """A device pool never places a capture's work on memory that earlier outputs still hold;
+    a piecewise model relies on it (piece k + 1 reads piece k's outputs)."""
     pool = backend.new_pool()
     x1, x2 = torch.ones(4, 4), torch.full((4, 4), 3.0)
-    g1, out1 = _capture(lambda x: (x * 2).sin(), x1, pool=pool)
-    g2, out2 = _capture(lambda x: (x * 2).sin(), x2, pool=pool)
+    g1, out1 = _capture(lambda x: (x * 2).sin() + 1, x1, pool=pool)
+    g2, out2 = _capture(lambda x: (x * 2).sin() + 1, x2, pool=pool)
     g1.replay()
-    assert torch.equal(out1, (x1 * 2).sin())
     g2.replay()
-    assert out1.data_ptr() == out2.data_ptr()
-    assert torch.equal(out1, (x2 * 2).sin())
+    assert out1.data_ptr() != out2.data_ptr()
+    assert torch.equal(out1, (x1 * 2).sin() + 1)
+    assert torch.equal(out2, (x2 * 2).sin() + 1)
+    # ... while their temporaries did share memory.
+    assert pool.nbytes < 2 * 3 * 4 * 4 * 4
 
 
 def test_tensors_kept_by_the_model_are_not_moved_into_the_pool() -> None:

@@ -10,6 +10,7 @@ __all__ = [
     "BackendUnavailableError",
     "CaptureError",
     "CaptureSizeError",
+    "CompileOptionsError",
     "GraphInputError",
     "GraphModeError",
     "TaskUpdateError",
@@ -30,6 +31,10 @@ class CaptureError(AclGraphError):
 
 class CaptureSizeError(AclGraphError, ValueError):
     """A capture-size list or a batch size is invalid."""
+
+
+class CompileOptionsError(AclGraphError, ValueError):
+    """Options given to the ``aclgraph`` torch.compile backend are unknown or of the wrong type."""
 
 
 class GraphInputError(AclGraphError, ValueError):

@@ -27,13 +27,13 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 from ascend_aclgraph import tasks
 from ascend_aclgraph.backends import GraphBackend, get_backend
 from ascend_aclgraph.capture_sizes import CaptureSizes
-from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.graph_capture import (
     CapturedGraph,
     CaptureFailures,
     FailurePolicy,
     capture_callable,
 )
+from ascend_aclgraph.static_inputs import StaticBatchInputs, resolve_batch_dims
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.wrapper import update_graph_tasks
 
@@ -93,74 +93,20 @@ class CapturedCallable:
         self.pool = self.backend.new_pool()
         self._lock = threading.Lock()
         self._sample_args = tuple(sample_args)
-        self._dims = self._batch_dims(dynamic_dim)
-        self._static = self._make_static_buffers()
+        self._inputs = StaticBatchInputs(
+            self._sample_args,
+            resolve_batch_dims(self._sample_args, dynamic_dim),
+            max_size=self.sizes.max_size,
+            device=self.backend.device,
+            pad_value=pad_value,
+        )
         self._entries: dict[int, _SizeEntry] = {}
-        # Views of the static buffers and outputs per batch size, made once: slicing a tensor
-        # costs as much as a small kernel launch, and these are on every call's path.
-        self._input_views: dict[int, list[torch.Tensor | None]] = {}
-        self._pad_views: dict[int, list[torch.Tensor | None]] = {}
+        # Output views per batch size, made once: slicing a tensor costs as much as a small
+        # kernel launch, and these are on every call's path.
         self._output_views: dict[int, list[Any]] = {}
         self._capture_all(num_warmups, progress)
 
     # --- construction -----------------------------------------------------------------------
-
-    def _batch_dims(self, dynamic_dim: int | Sequence[int | None]) -> list[int | None]:
-        args = self._sample_args
-        if isinstance(dynamic_dim, int) and not isinstance(dynamic_dim, bool):
-            dims: list[int | None] = [
-                dynamic_dim if isinstance(a, torch.Tensor) else None for a in args
-            ]
-        elif isinstance(dynamic_dim, Sequence) and len(dynamic_dim) == len(args):
-            dims = list(dynamic_dim)
-        else:
-            raise GraphInputError(
-                "dynamic_dim must be an int (the batch dim of every tensor argument) or a list "
-                f"with one entry (int or None) per sample argument ({len(args)}), "
-                f"got {dynamic_dim!r}"
-            )
-        batch = None
-        for i, (arg, dim) in enumerate(zip(args, dims, strict=True)):
-            if dim is None:
-                continue
-            if not isinstance(arg, torch.Tensor):
-                raise GraphInputError(f"argument {i} has a batch dim but is not a tensor: {arg!r}")
-            if not -arg.dim() <= dim < arg.dim():
-                raise GraphInputError(
-                    f"argument {i} has shape {tuple(arg.shape)}; batch dim {dim} is out of range"
-                )
-            dims[i] = dim % arg.dim()
-            if batch is None:
-                batch = arg.shape[dim]
-            elif arg.shape[dim] != batch:
-                raise GraphInputError(
-                    f"batched arguments disagree on the batch size: {batch} vs {arg.shape[dim]} "
-                    f"(argument {i})"
-                )
-        if batch is None:
-            raise GraphInputError("no tensor argument has a batch dim: nothing to pad")
-        return dims
-
-    def _make_static_buffers(self) -> list[Any]:
-        static: list[Any] = []
-        max_size = self.sizes.max_size
-        for arg, dim in zip(self._sample_args, self._dims, strict=True):
-            if dim is None:
-                static.append(arg)  # captured by address; calls copy into it if they differ
-                continue
-            shape = list(arg.shape)
-            shape[dim] = max_size
-            buf = torch.zeros(shape, dtype=arg.dtype, device=self.backend.device)
-            n = min(arg.shape[dim], max_size)
-            buf.narrow(dim, 0, n).copy_(arg.narrow(dim, 0, n))
-            static.append(buf)
-        return static
-
-    def _args_for(self, size: int) -> tuple[Any, ...]:
-        return tuple(
-            s if dim is None else s.narrow(dim, 0, size)
-            for s, dim in zip(self._static, self._dims, strict=True)
-        )
 
     def _capture_all(self, num_warmups: int, progress: bool | None) -> None:
         order = self.sizes.largest_first()  # smaller graphs reuse the largest one's pool memory
@@ -184,7 +130,7 @@ class CapturedCallable:
         )
 
     def _capture_size(self, size: int, num_warmups: int) -> _SizeEntry:
-        args = self._args_for(size)
+        args = self._inputs.args_for(size)
         try:
             with torch.no_grad():
                 for _ in range(num_warmups):
@@ -205,79 +151,6 @@ class CapturedCallable:
         """Captured graph per batch size (sizes whose capture failed are absent)."""
         return {s: e.captured.graph for s, e in self._entries.items() if e.captured is not None}
 
-    def _batch_size(self, args: tuple[Any, ...]) -> int:
-        if len(args) != len(self._sample_args):
-            raise GraphInputError(
-                f"captured with {len(self._sample_args)} arguments, called with {len(args)}"
-            )
-        n = None
-        for i, (arg, dim) in enumerate(zip(args, self._dims, strict=True)):
-            if dim is None:
-                continue
-            if not isinstance(arg, torch.Tensor):
-                raise GraphInputError(f"argument {i} must be a tensor, got {type(arg).__name__}")
-            if n is None:
-                n = arg.shape[dim]
-            elif arg.shape[dim] != n:
-                raise GraphInputError(
-                    f"batched arguments disagree on the batch size: {n} vs {arg.shape[dim]} "
-                    f"(argument {i})"
-                )
-        assert n is not None  # _batch_dims guarantees one batched argument
-        return n
-
-    def _copy_inputs(self, args: tuple[Any, ...], n: int, size: int) -> None:
-        for i, (arg, static, dim) in enumerate(zip(args, self._static, self._dims, strict=True)):
-            if dim is None:
-                if isinstance(static, torch.Tensor):
-                    if arg is static:
-                        continue
-                    if not isinstance(arg, torch.Tensor) or arg.shape != static.shape:
-                        raise GraphInputError(
-                            f"argument {i} was captured as a tensor of shape "
-                            f"{tuple(static.shape)}; got {getattr(arg, 'shape', type(arg))}"
-                        )
-                    if arg.data_ptr() != static.data_ptr():
-                        static.copy_(arg)
-                elif arg != static:
-                    raise GraphInputError(
-                        f"argument {i} is a host value baked into the graphs ({static!r}); "
-                        f"got {arg!r}. Pass it as a tensor, or capture again."
-                    )
-                continue
-            expected = static.shape[:dim] + static.shape[dim + 1 :]
-            got = arg.shape[:dim] + arg.shape[dim + 1 :]
-            if got != expected or arg.dtype != static.dtype:
-                raise GraphInputError(
-                    f"argument {i}: captured non-batch shape {tuple(expected)} and dtype "
-                    f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
-                )
-            self._input_view(n, i).copy_(arg)
-            if size > n and self.pad_value is not None:
-                self._pad_view(n, size, i).fill_(self.pad_value)
-
-    def _input_view(self, n: int, i: int) -> torch.Tensor:
-        views = self._input_views.get(n)
-        if views is None:
-            views = self._input_views[n] = [
-                None if d is None else s.narrow(d, 0, n)
-                for s, d in zip(self._static, self._dims, strict=True)
-            ]
-        view = views[i]
-        assert view is not None
-        return view
-
-    def _pad_view(self, n: int, size: int, i: int) -> torch.Tensor:
-        views = self._pad_views.get(n)
-        if views is None:
-            views = self._pad_views[n] = [
-                None if d is None else s.narrow(d, n, size - n)
-                for s, d in zip(self._static, self._dims, strict=True)
-            ]
-        view = views[i]
-        assert view is not None
-        return view
-
     def _outputs_for(self, n: int, entry: _SizeEntry) -> list[Any]:
         outs = self._output_views.get(n)
         if outs is None:
@@ -294,7 +167,7 @@ class CapturedCallable:
         :func:`ascend_aclgraph.updatable`): list values of the real batch length are padded to
         the graph's size by repeating their last element.
         """
-        n = self._batch_size(args)
+        n = self._inputs.batch_size(args)
         size = self.sizes.pad(n)
         with self._lock:
             entry = self._entries.get(size) if size is not None else None
@@ -303,7 +176,8 @@ class CapturedCallable:
                     self.stats.eager_fallbacks += 1
                 with torch.no_grad(), tasks.task_overrides(task_args or {}):
                     return self.fn(*args)
-            self._copy_inputs(args, n, size)  # type: ignore[arg-type]
+            assert size is not None
+            self._inputs.copy_in(args, n, size)
             graph = entry.captured.graph
             if task_args:
                 update_graph_tasks(graph, _pad_task_args(task_args, n, entry.size))

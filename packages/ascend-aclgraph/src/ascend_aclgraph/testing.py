@@ -6,7 +6,11 @@ as in real models. Weights are random; nothing is downloaded.
 
 ``forward(tokens, positions)`` is one decode step: request ``b`` of the batch owns row ``b`` of
 the KV cache, writes its new key/value at ``positions[b]`` and attends to positions
-``<= positions[b]``. Everything is device-side tensor work with no host sync, so the step can
+``<= positions[b]``. ``forward(tokens, positions, seq_ids)`` takes a flat batch of tokens that
+mixes requests, as vLLM's flattened batches do: token ``t`` belongs to the request owning KV row
+``seq_ids[t]``, writes there at ``positions[t]`` and attends causally to positions
+``<= positions[t]`` of that row. So one batch can hold several prefill chunks and single-token
+decodes side by side. Everything is device-side tensor work with no host sync, so the step can
 be captured as one graph.
 """
 
@@ -97,7 +101,12 @@ class Qwen3Attention(nn.Module):
         self.register_buffer("v_cache", torch.zeros(cache_shape), persistent=False)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        seq_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         b = x.shape[0]
@@ -106,11 +115,18 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(b, cfg.num_kv_heads, cfg.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        rows = torch.arange(b, device=x.device)
+        rows = torch.arange(b, device=x.device) if seq_ids is None else seq_ids
+        # Every token's K/V lands in the cache before attention, so tokens of one request in
+        # this batch see each other; the mask below keeps it causal.
         self.k_cache[rows, :, positions] = k
         self.v_cache[rows, :, positions] = v
-        keys = self.k_cache[:b]
-        values = self.v_cache[:b]
+        if seq_ids is None:
+            keys = self.k_cache[:b]
+            values = self.v_cache[:b]
+        else:
+            # Gather each token's own row: [tokens, kv_heads, max_seq, head_dim].
+            keys = self.k_cache[seq_ids]
+            values = self.v_cache[seq_ids]
         visible = torch.arange(cfg.max_seq, device=x.device)[None, :] <= positions[:, None]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :], enable_gqa=True
@@ -138,11 +154,16 @@ class Qwen3DecoderLayer(nn.Module):
         self.mlp = Qwen3MLP(cfg)
 
     def forward(
-        self, hidden: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        seq_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden
         hidden = self.input_layernorm(hidden)
-        hidden = self.self_attn(hidden, positions, cos, sin)
+        hidden = self.self_attn(hidden, positions, cos, sin, seq_ids)
         hidden = residual + hidden
         residual = hidden
         hidden = self.post_attention_layernorm(hidden)
@@ -180,8 +201,15 @@ class Qwen3Decoder(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.requires_grad_(False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``tokens``: [B] ids (with a vocab) or [B, hidden]; ``positions``: [B] int64."""
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One step over a flat batch of ``T`` tokens.
+
+        ``tokens``: [T] ids (with a vocab) or [T, hidden]; ``positions``: [T] int64;
+        ``seq_ids``: [T] int64 KV-cache rows, or ``None`` for one token per request with
+        request ``t`` on row ``t`` (the plain decode step).
+        """
         hidden: torch.Tensor = (
             self.embed_tokens(tokens) if self.embed_tokens is not None else tokens
         )
@@ -190,7 +218,7 @@ class Qwen3Decoder(nn.Module):
         cos = emb.cos()[:, None, :].to(hidden.dtype)
         sin = emb.sin()[:, None, :].to(hidden.dtype)
         for layer in self.decoder_layers():
-            hidden = layer(hidden, positions, cos, sin)
+            hidden = layer(hidden, positions, cos, sin, seq_ids)
         hidden = self.norm(hidden)
         return cast(torch.Tensor, self.lm_head(hidden)) if self.lm_head is not None else hidden
 

@@ -10,8 +10,9 @@ them on the same storages). They share one contract:
   callers copy new inputs into static buffers and read outputs from the captured tensors;
 * host-side arguments (Python ints and lists) are baked into the graph, unless the op was
   captured as an :class:`~ascend_aclgraph.tasks.UpdatableTask`;
-* all graphs captured into one :class:`GraphPool` may share memory, so at most one of them is
-  replayed at a time and each one's outputs are valid until the next replay in that pool.
+* all graphs captured into one :class:`GraphPool` share its memory, so at most one of them is
+  replayed at a time. A graph's outputs are never placed where a later capture puts its work,
+  so they survive other graphs' replays; a graph's *temporaries* are reused by later captures.
 """
 
 from __future__ import annotations

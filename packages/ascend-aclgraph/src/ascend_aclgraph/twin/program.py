@@ -43,10 +43,17 @@ _ALIGN = 64
 
 
 class TwinPool:
-    """Byte blocks shared by the graphs of one pool (never replayed concurrently)."""
+    """Byte blocks shared by the graphs of one pool (never replayed concurrently).
+
+    As in a device graph pool, memory a graph used for temporaries is free for later captures,
+    while memory holding a graph's outputs is not: those blocks are pinned once the graph is
+    planned, since its caller keeps reading the outputs (piece ``k + 1`` of a piecewise model
+    reads piece ``k``'s).
+    """
 
     def __init__(self) -> None:
         self.blocks: list[torch.UntypedStorage] = []
+        self.pinned: set[int] = set()
 
     @property
     def nbytes(self) -> int:
@@ -254,7 +261,8 @@ def _plan_and_rebind(
         for b, until in enumerate(busy_until):
             size = pool.blocks[b].nbytes()
             if (
-                until < first[k]
+                b not in pool.pinned
+                and until < first[k]
                 and size >= need
                 and (best is None or size < pool.blocks[best].nbytes())
             ):
@@ -264,6 +272,7 @@ def _plan_and_rebind(
             busy_until.append(-1)
         busy_until[best] = last[k]
         assignment[k] = best
+    pool.pinned.update(b for k, b in assignment.items() if k in output_keys)
     for k, b in assignment.items():
         block = pool.blocks[b]
         if k in output_keys:

@@ -8,21 +8,19 @@ values and says so; tensor arguments of updatable tasks are updated by copy on e
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
-from ascend_aclgraph.capture_guard import CaptureGuardMode
+from ascend_aclgraph.backends.device import DeviceGraphBackend
 from ascend_aclgraph.errors import BackendUnavailableError, TaskUpdateError
 from ascend_aclgraph.tasks import UpdatableTask
 
 __all__ = ["CudaGraphBackend"]
 
 
-class CudaGraphBackend(GraphBackend):
+class CudaGraphBackend(DeviceGraphBackend):
     """Graph backend over ``torch.cuda.CUDAGraph``."""
 
     name = "cuda"
@@ -33,45 +31,8 @@ class CudaGraphBackend(GraphBackend):
                 "the cuda backend needs a CUDA build of torch and a visible NVIDIA GPU; "
                 f"this torch is {torch.__version__} and torch.cuda.is_available() is False"
             )
-        self._device = torch.device("cuda", torch.cuda.current_device())
-        self.capture_error_mode = capture_error_mode
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def new_pool(self) -> GraphPool:
-        return GraphPool(torch.cuda.graph_pool_handle())
-
-    def new_graph(self, pool: GraphPool) -> Graph:
-        return Graph(self, torch.cuda.CUDAGraph(), pool)
-
-    @contextlib.contextmanager
-    def _capture(self, graph: Graph) -> Iterator[None]:
-        before = torch.cuda.memory_reserved(self._device)
-        with (
-            torch.cuda.graph(
-                graph.native, pool=graph.pool.handle, capture_error_mode=self.capture_error_mode
-            ),
-            CaptureGuardMode(),  # type: ignore[no-untyped-call]
-        ):
-            yield
-        graph.pool.captured_bytes += max(0, torch.cuda.memory_reserved(self._device) - before)
-
-    def is_capturing(self) -> bool:
-        return bool(torch.cuda.is_current_stream_capturing())
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self._device)
-
-    def replay(self, graph: Graph) -> None:
-        graph.native.replay()
-
-    def reset(self, graph: Graph) -> None:
-        graph.native.reset()
-
-    def memory_reserved(self) -> int:
-        return int(torch.cuda.memory_reserved(self._device))
+        device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(torch.cuda, torch.cuda.CUDAGraph, device, capture_error_mode)
 
     def run_updatable(
         self,

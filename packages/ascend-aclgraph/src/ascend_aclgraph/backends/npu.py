@@ -16,15 +16,14 @@ one breaks ``import torch`` (it autoloads), so nothing here runs unless this bac
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
-from ascend_aclgraph.capture_guard import CaptureGuardMode
+from ascend_aclgraph.backends.base import Graph
+from ascend_aclgraph.backends.device import DeviceGraphBackend
 from ascend_aclgraph.errors import BackendUnavailableError, CaptureError
 from ascend_aclgraph.tasks import UpdatableTask
 
@@ -52,7 +51,7 @@ def npu_available() -> bool:
     return bool(torch.npu.is_available())  # type: ignore[attr-defined]
 
 
-class NpuGraphBackend(GraphBackend):
+class NpuGraphBackend(DeviceGraphBackend):
     """Graph backend over ``torch.npu.NPUGraph`` (ACL graph capture, ``aclmdlRI*``)."""
 
     name = "npu"
@@ -65,39 +64,11 @@ class NpuGraphBackend(GraphBackend):
                 "torch_npu is installed but no NPU is visible: check the Ascend driver, CANN, "
                 "and ASCEND_RT_VISIBLE_DEVICES"
             )
+        device = torch.device("npu", npu.current_device())
+        super().__init__(npu, npu.NPUGraph, device, capture_error_mode)
         self._npu = npu
-        self._device = torch.device("npu", npu.current_device())
-        self.capture_error_mode = capture_error_mode
         # Task updates run on their own stream so they overlap the replay, as in vllm-ascend.
         self._update_stream = npu.Stream()
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def new_pool(self) -> GraphPool:
-        return GraphPool(self._npu.graph_pool_handle())
-
-    def new_graph(self, pool: GraphPool) -> Graph:
-        return Graph(self, self._npu.NPUGraph(), pool)
-
-    @contextlib.contextmanager
-    def _capture(self, graph: Graph) -> Iterator[None]:
-        before = self.memory_reserved()
-        with (
-            self._npu.graph(
-                graph.native, pool=graph.pool.handle, capture_error_mode=self.capture_error_mode
-            ),
-            CaptureGuardMode(),  # type: ignore[no-untyped-call]
-        ):
-            yield
-        graph.pool.captured_bytes += max(0, self.memory_reserved() - before)
-
-    def is_capturing(self) -> bool:
-        return bool(self._npu.is_current_stream_capturing())
-
-    def synchronize(self) -> None:
-        self._npu.synchronize()
 
     def replay(self, graph: Graph) -> None:
         if graph.tasks:
@@ -109,12 +80,6 @@ class NpuGraphBackend(GraphBackend):
                 if not task.updated_since_replay:
                     task.event.record(self._update_stream)
         graph.native.replay()
-
-    def reset(self, graph: Graph) -> None:
-        graph.native.reset()
-
-    def memory_reserved(self) -> int:
-        return int(self._npu.memory_reserved())
 
     def run_updatable(
         self,

@@ -32,7 +32,9 @@ PACKAGES: dict[str, str] = {
     "ascend-npugraph-ex": "ascend_npugraph_ex",
 }
 
-nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
+# The default run (the README's test command). The cuda and npu integration sessions need a
+# machine with that device: `nox -s "integration(backend='cuda')"`.
+nox.options.sessions = ["lint", "typecheck", "docs", "tests", "integration(backend='cpu')"]
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 
@@ -71,6 +73,14 @@ def tests(session: nox.Session, package: str) -> None:
         *session.posargs,
         env={"PYTHONHASHSEED": "0"},
     )
+
+
+@nox.session
+@nox.parametrize("backend", ["cpu", "cuda", "npu"])
+def integration(session: nox.Session, backend: str) -> None:
+    """Cross-package tests: every graph mode end to end, on one backend."""
+    _install_stack(session, "test")
+    session.run("pytest", str(ROOT / "tests-integration"), f"--backend={backend}", *session.posargs)
 
 
 # ==== Linting and typing =======================================================================

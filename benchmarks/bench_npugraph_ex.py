@@ -1,4 +1,4 @@
-"""npugraph_ex benchmark: fusion effect per decoder layer and single-token step time.
+"""npugraph_ex benchmark: fused vs unfused per op, fusion effect per layer, step time.
 
 Prints a table and saves a plot under --out. CPU timings are medians over repeated runs, taken
 on however many threads the caller allows (the nox session pins 1 thread and says so).
@@ -110,6 +110,93 @@ def step_times(layers: int, hidden: int, batch: int, iters: int, device: str) ->
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def _round_robin(variants: dict[str, Callable[[], Any]], iters: int) -> dict[str, float]:
+    """Median microseconds of each variant, interleaved so that noise hits them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        for _ in range(max(iters // 10, 5)):
+            fn()
+    for _ in range(iters):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def op_table(
+    tokens: int, iters: int, dtype: torch.dtype, decode: bool
+) -> list[tuple[str, float, float]]:
+    """(op, fused us, unfused us) per fused op on CPU: Qwen3-like hidden 1024, 16 q / 8 kv heads
+    of 128, intermediate 3072; ``tokens`` rows (batch x 1 at decode, one sequence at prefill)."""
+    from ascend_npugraph_ex.ops import reference as ref
+
+    torch.manual_seed(0)
+    hidden, heads, kv, dim, inter = 1024, 16, 8, 128, 3072
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape).to(dtype)
+
+    x, res, w = r(tokens, hidden), r(tokens, hidden), r(hidden)
+    gate, up = r(tokens, inter), r(tokens, inter)
+    # Decode: [B, 1, H, D] -> [B, H, 1, D]; prefill: [1, S, H, D] -> [1, H, S, D] (HF layouts).
+    b, s = (tokens, 1) if decode else (1, tokens)
+    q, k = r(b, s, heads, dim).transpose(1, 2), r(b, s, kv, dim).transpose(1, 2)
+    qn, kn = r(b, s, heads, dim), r(b, s, kv, dim)  # qk_norm_rope: before the transpose
+    cos, sin = r(b, 1, s, dim), r(b, 1, s, dim)
+    cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)
+    qw, kw = r(dim), r(dim)
+    op = {name: nx.fused_op(name) for name in nx.OPS}  # OpOverloads, as an FX graph calls them
+    cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "rms_norm": (
+            lambda: op["rms_norm"](x, w, 1e-6),
+            lambda: ref.rms_norm_ref(x, w, 1e-6),
+        ),
+        "add_rms_norm": (
+            lambda: op["add_rms_norm"](x, res, w, 1e-6),
+            lambda: ref.add_rms_norm_ref(x, res, w, 1e-6),
+        ),
+        "swiglu": (lambda: op["swiglu"](gate, up), lambda: ref.swiglu_ref(gate, up)),
+        "rotary": (
+            lambda: op["rotary"](q, k, cos, sin),
+            lambda: ref.rotary_ref(q, k, cos, sin),
+        ),
+        "qk_norm_rope": (
+            lambda: op["qk_norm_rope"](qn, kn, qw, kw, 1e-6, cos_t, sin_t),
+            lambda: ref.qk_norm_rope_ref(qn, kn, qw, kw, 1e-6, cos_t, sin_t),
+        ),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, (fused, unfused) in cases.items():
+            t = _round_robin({"fused": fused, "unfused": unfused}, iters)
+            rows.append((name, t["fused"], t["unfused"]))
+    return rows
+
+
+def print_op_table(decode_tokens: int, prefill_tokens: int, iters: int) -> None:
+    from ascend_npugraph_ex.ops.library import cpu_kernels
+
+    x = torch.randn(1, 8)
+    nx.fused_op("rms_norm")(x, torch.ones(8), 1e-6)  # picks (and if needed builds) the kernels
+    print(
+        f"\nFused op vs the unfused aten ops, cpu ({cpu_kernels()} kernels), hidden 1024, "
+        f"16/8 heads x 128, median us (decode {iters} reps, prefill {max(iters // 20, 20)}):"
+    )
+    print(f"  {'op':14}{'size':>16}{'dtype':>10}{'fused':>10}{'unfused':>10}{'speedup':>9}")
+    for label, tokens, n, decode in (
+        (f"decode {decode_tokens}x1", decode_tokens, iters, True),
+        (f"prefill {prefill_tokens}", prefill_tokens, max(iters // 20, 20), False),
+    ):
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, fused, unfused in op_table(tokens, n, dtype, decode):
+                dt = str(dtype).removeprefix("torch.")
+                print(
+                    f"  {name:14}{label:>16}{dt:>10}{fused:10.1f}{unfused:10.1f}"
+                    f"{unfused / fused:8.2f}x"
+                )
+
+
 def cuda_bandwidth(rows: int, hidden: int) -> dict[str, float]:
     """Fused add_rms_norm effective bandwidth as a fraction of a device copy's."""
     x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
@@ -132,6 +219,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--op-iters", type=int, default=2000, help="reps per op at decode size")
+    p.add_argument("--prefill", type=int, default=512, help="tokens of the prefill op table")
+    p.add_argument("--ops-only", action="store_true", help="only the per-op table")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -139,6 +229,9 @@ def main() -> None:
         f"npugraph_ex benchmark - torch {torch.__version__}, CPU threads: {threads}; "
         "times are medians"
     )
+    print_op_table(args.batch, args.prefill, args.op_iters)
+    if args.ops_only:
+        return
 
     counts = per_layer_counts(args.hidden, "cpu")
     print("\nPer Qwen3 decoder layer (2-layer minus 1-layer graph, cpu):")

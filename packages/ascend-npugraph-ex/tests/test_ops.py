@@ -8,7 +8,8 @@ from ascend_npugraph_ex import fused_op
 from ascend_npugraph_ex.ops import reference as ref
 
 # Tolerances: float32 kernels may reorder one reduction (<= 1e-6 abs at these magnitudes);
-# bf16 may differ by one rounding step (RoPE rounds once instead of three times).
+# bf16 may differ by one rounding step (the Python fallback's RoPE rounds once instead of three
+# times; the C++ RoPE is bitwise, see test_cpu_kernels.py).
 TOL = {torch.float32: 1e-6, torch.bfloat16: 6.25e-2}
 
 

@@ -1,4 +1,7 @@
-"""CPU kernels of the fused ops.
+"""Python CPU kernels of the fused ops: the fallback of the C++ ones (csrc/fused_cpu.cpp).
+
+They run when the C++ kernels cannot be built or ``ASCEND_NPUGRAPH_EX_NO_CPP=1`` is set (see
+:mod:`.cpu_cpp`); the C++ norms and swiglu call the same aten ops as these.
 
 Same results as :mod:`ascend_npugraph_ex.ops.reference` (bitwise for the norms in float32, within
 one rounding step in bf16/fp16), in fewer passes over memory: ``aten._fused_rms_norm`` does the

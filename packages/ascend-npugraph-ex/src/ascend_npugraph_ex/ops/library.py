@@ -2,21 +2,23 @@
 
 All ops live in the ``npugraph_ex`` namespace and are functional (no aliasing, no mutation), so
 FX passes can insert them freely and capture runtimes can treat them like any aten op. Each has a
-fake implementation for tracing and one kernel per dispatch key: ``CPU`` (cpu.py), ``CUDA``
-(cuda.py, Triton) and ``PrivateUse1`` (npu.py, torch_npu). Device libraries are imported lazily
-inside the kernels, never here.
+fake implementation for tracing and one kernel per dispatch key: ``CPU`` (C++ from
+csrc/fused_cpu.cpp via cpu_cpp.py, else the composites of cpu.py), ``CUDA`` (cuda.py, Triton) and
+``PrivateUse1`` (npu.py, torch_npu). Device libraries are imported lazily inside the kernels,
+never here.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ascend_npugraph_ex.ops import cpu, cuda, npu
+from ascend_npugraph_ex.ops import cpu, cpu_cpp, cuda, npu
 
-__all__ = ["NAMESPACE", "OPS", "fused_op"]
+__all__ = ["NAMESPACE", "OPS", "cpu_kernels", "fused_op"]
 
 NAMESPACE = "npugraph_ex"
 
@@ -117,9 +119,38 @@ _FAKES: dict[str, Callable[..., Any]] = {
     "qk_norm_rope": _fake_qk_norm_rope,
 }
 
+# CPU: the first call of any fused op on CPU picks the kernels for the process. The C++ kernels
+# (built on first use, then cached) register themselves over the first-call kernels below, so
+# later calls go straight from the dispatcher into C++; without them, the first-call kernels stay
+# and run the Python composites of cpu.py.
+_cpu_choice: Literal["cpp", "python"] | None = None
+_cpu_lock = threading.Lock()
+
+
+def cpu_kernels() -> Literal["cpp", "python"]:
+    """Which CPU kernels the fused ops use, deciding (and building) on the first call."""
+    global _cpu_choice
+    with _cpu_lock:
+        if _cpu_choice is None:
+            _cpu_choice = "cpp" if cpu_cpp.load() else "python"
+        return _cpu_choice
+
+
+def _cpu_first_call(name: str) -> Callable[..., Any]:
+    composite = cpu.KERNELS[name]
+
+    def kernel(*args: Any) -> Any:
+        if cpu_kernels() == "cpp":
+            return fused_op(name)(*args)  # now dispatches to the C++ kernel
+        return composite(*args)
+
+    kernel.__name__ = kernel.__qualname__ = f"{name}_cpu"
+    return kernel
+
+
 for _name in OPS:
     torch.library.register_fake(f"{NAMESPACE}::{_name}", _FAKES[_name], lib=_LIB)
-    _LIB.impl(_name, cpu.KERNELS[_name], "CPU")  # type: ignore[no-untyped-call]
+    _LIB.impl(_name, _cpu_first_call(_name), "CPU")  # type: ignore[no-untyped-call]
     _LIB.impl(_name, cuda.KERNELS[_name], "CUDA")  # type: ignore[no-untyped-call]
     _LIB.impl(_name, npu.KERNELS[_name], "PrivateUse1")  # type: ignore[no-untyped-call]
 

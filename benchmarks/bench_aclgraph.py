@@ -38,16 +38,38 @@ def _sync(device: torch.device) -> None:
 
 def median_us(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 3) -> float:
     """Median wall time of one call, in microseconds (device work included)."""
-    for _ in range(warmup):
-        fn()
+    return interleaved_medians_us({"fn": fn}, device, reps, warmup)["fn"]
+
+
+def interleaved_medians_us(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median time per call of each function, timed round-robin.
+
+    Taking one sample of each variant in turn spreads this machine's noise (other processes,
+    frequency changes) evenly over the variants, so their ratio is fair even when the absolute
+    times drift.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) * 1e6 for name, times in samples.items()}
+
+
+def _eager(model: torch.nn.Module, *args: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(*args)
+
+    return run
 
 
 def bench_decoder(
@@ -65,11 +87,16 @@ def bench_decoder(
     for n in sizes:
         x = torch.randn(n, cfg.hidden_size, device=device)
         pos = torch.full((n,), 9, dtype=torch.long, device=device)
-        with torch.no_grad():
-            eager = median_us(functools.partial(model, x, pos), device, reps)
-        graph = step.graphs[n]
-        replay = median_us(graph.replay, device, reps)
-        call = median_us(functools.partial(step, x, pos), device, reps)
+        times = interleaved_medians_us(
+            {
+                "eager": _eager(model, x, pos),
+                "replay": step.graphs[n].replay,
+                "call": functools.partial(step, x, pos),
+            },
+            device,
+            reps,
+        )
+        eager, replay, call = times["eager"], times["replay"], times["call"]
         row: dict[str, object] = {
             "model": f"qwen3 h{cfg.hidden_size} L{cfg.num_layers}",
             "batch": n,
@@ -124,16 +151,25 @@ def bench_overhead(backend: ag.GraphBackend, reps: int) -> dict[str, float]:
         with ag.graph_context(ag.GraphMode.FULL, desc):
             wrapper(x)
 
-    replay = median_us(step.graphs[1].replay, device, reps)
-    return {
-        "raw_replay_us": replay,
-        "capture_call_us": median_us(lambda: step(x), device, reps),
-        "capture_call_no_clone_us": median_us(lambda: views(x), device, reps),
-        "wrapper_call_us": median_us(wrapped, device, reps),
-        "capture_overhead_us": median_us(lambda: step(x), device, reps) - replay,
-        "capture_overhead_no_clone_us": median_us(lambda: views(x), device, reps) - replay,
-        "wrapper_overhead_us": median_us(wrapped, device, reps) - replay,
-    }
+    times = interleaved_medians_us(
+        {
+            "raw_replay_us": step.graphs[1].replay,
+            "capture_call_us": functools.partial(step, x),
+            "capture_call_no_clone_us": functools.partial(views, x),
+            "wrapper_call_us": wrapped,
+        },
+        device,
+        reps,
+    )
+    replay = times["raw_replay_us"]
+    times["capture_overhead_us"] = times["capture_call_us"] - replay
+    times["capture_overhead_no_clone_us"] = times["capture_call_no_clone_us"] - replay
+    times["wrapper_overhead_us"] = times["wrapper_call_us"] - replay
+    return times
+
+
+def _human_bytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _fmt_row(row: dict[str, object]) -> str:
@@ -142,7 +178,7 @@ def _fmt_row(row: dict[str, object]) -> str:
         f"replay {row['replay_us']:>11.1f} us ({row['speedup_replay']:.2f}x) | "
         f"capture() call {row['call_us']:>11.1f} us ({row['speedup_call']:.2f}x) | "
         f"capture {row['capture_s']:.2f} s | "
-        f"pool {int(row['pool_bytes']) / 2**20:.1f} MiB"  # type: ignore[call-overload]
+        f"pool {_human_bytes(int(row['pool_bytes']))}"  # type: ignore[call-overload]
     )
     if "raw_cuda_graph_us" in row:
         text += f" | raw CUDAGraph {row['raw_cuda_graph_us']:.1f} us ({row['replay_vs_raw']:.3f}x)"
@@ -186,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
-    big_reps = args.reps or (200 if backend.name != "cpu" else 7)
+    big_reps = args.reps or (200 if backend.name != "cpu" else 9)
     small_reps = args.reps or (2000 if backend.name != "cpu" else 400)
     threads = torch.get_num_threads()
     header = (

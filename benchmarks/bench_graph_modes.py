@@ -36,43 +36,45 @@ def _batch(cfg: Qwen3Config, n: int, uniform: bool) -> tuple[torch.Tensor, ...]:
     return x, positions, seq_ids
 
 
-def _median_ms(fn: Any, args: tuple[torch.Tensor, ...], iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def run(cfg_name: str, cfg: Qwen3Config, n: int, iters: int, backend: str) -> list[dict[str, Any]]:
-    rows = []
+    """All modes built side by side, then timed round-robin (one step of each in turn), so the
+    machine's noise spreads evenly over the modes and their ratios stay fair."""
+    torch._dynamo.reset()
+    variants: dict[str, tuple[Any, Any]] = {}
     for mode in MODES:
-        torch._dynamo.reset()
-        model = Qwen3Decoder(cfg)
-        compiler = None
-        fn: Any = model
-        if mode != "eager":
-            compiler = ag.make_compile_backend(mode=mode, batch_sizes=SIZES, backend=backend)
-            fn = torch.compile(model, backend=compiler, dynamic=True)
-        for uniform in (True, False):
-            args = _batch(cfg, n, uniform)
-            with torch.no_grad(), ag.batch_hint(uniform_decode=uniform):
+        model = Qwen3Decoder(cfg)  # same seed: identical weights in every variant
+        if mode == "eager":
+            variants[mode] = (model, None)
+            continue
+        compiler = ag.make_compile_backend(mode=mode, batch_sizes=SIZES, backend=backend)
+        variants[mode] = (torch.compile(model, backend=compiler, dynamic=True), compiler)
+    rows = []
+    for uniform in (True, False):
+        args = _batch(cfg, n, uniform)
+        first_s: dict[str, float] = {}
+        samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+        with torch.no_grad(), ag.batch_hint(uniform_decode=uniform):
+            for mode, (fn, _) in variants.items():
                 start = time.perf_counter()
                 for _ in range(3):  # compile (first time), warm-up, capture
                     fn(*args)
-                first_s = time.perf_counter() - start
-                ms = _median_ms(fn, args, iters)
+                first_s[mode] = time.perf_counter() - start
+            for _ in range(iters):
+                for mode, (fn, _) in variants.items():
+                    start = time.perf_counter()
+                    fn(*args)
+                    samples[mode].append(time.perf_counter() - start)
+        for mode, (_, compiler) in variants.items():
             stats = compiler.stats if compiler else None
             rows.append(
                 {
                     "model": cfg_name,
                     "batch": "uniform decode" if uniform else "mixed",
                     "mode": mode,
-                    "median_ms": ms,
+                    "median_ms": statistics.median(samples[mode]) * 1e3,
                     "graphs": stats.captures if stats else 0,
                     "capture_s": stats.capture_seconds if stats else 0.0,
-                    "first_calls_s": first_s,
+                    "first_calls_s": first_s[mode],
                 }
             )
     return rows
@@ -82,10 +84,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--tokens", type=int, default=6, help="tokens per step (padded to 8)")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--backend", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # Three compiled variants of one module class live side by side here.
+    torch._dynamo.config.recompile_limit = 64
     configs = {
         "small (h64, 2 layers)": Qwen3Config.small(),
         "mid (h256, 6 layers)": Qwen3Config.small(

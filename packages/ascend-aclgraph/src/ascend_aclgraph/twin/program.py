@@ -171,6 +171,10 @@ def _possibly_held(
     memory instead of sharing pool blocks. It never misses a Python holder, which would let a
     later replay overwrite a tensor someone still reads.
     """
+    if sys.version_info >= (3, 14):
+        # 3.14 may hold stack references without counting them (deferred reference counting),
+        # so a refcount no longer proves that nothing else holds a tensor: keep everything.
+        return set(candidates)
     held: set[int] = set()
     for key in candidates:
         objects = tensors_by_key[key]

@@ -12,11 +12,9 @@ main input, as the fake implementations promise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
+from ascend_npugraph_ex.ops.kernels import kernel_table
 from ascend_npugraph_ex.ops.reference import rms_norm_ref
 
 __all__ = ["KERNELS"]
@@ -81,23 +79,4 @@ def rotary(
     return _rope_one(q, cos, sin), _rope_one(k, cos, sin)
 
 
-def qk_norm_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU ``npugraph_ex.qk_norm_rope``."""
-    return rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
-
-
-KERNELS: dict[str, Callable[..., Any]] = {
-    "rms_norm": rms_norm,
-    "add_rms_norm": add_rms_norm,
-    "swiglu": swiglu,
-    "rotary": rotary,
-    "qk_norm_rope": qk_norm_rope,
-}
+KERNELS = kernel_table(rms_norm=rms_norm, add_rms_norm=add_rms_norm, swiglu=swiglu, rotary=rotary)

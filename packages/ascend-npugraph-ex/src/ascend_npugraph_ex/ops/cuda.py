@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ascend_npugraph_ex.ops.kernels import kernel_table
 from ascend_npugraph_ex.ops.reference import rms_norm_ref, rotary_ref, swiglu_ref
 
 __all__ = ["KERNELS", "triton_available"]
@@ -204,23 +204,4 @@ def rotary(
     return rotary_ref(q, k, cos, sin)
 
 
-def qk_norm_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA ``npugraph_ex.qk_norm_rope``: Triton RMSNorm then Triton RoPE on q and k."""
-    return rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
-
-
-KERNELS: dict[str, Callable[..., Any]] = {
-    "rms_norm": rms_norm,
-    "add_rms_norm": add_rms_norm,
-    "swiglu": swiglu,
-    "rotary": rotary,
-    "qk_norm_rope": qk_norm_rope,
-}
+KERNELS = kernel_table(rms_norm=rms_norm, add_rms_norm=add_rms_norm, swiglu=swiglu, rotary=rotary)

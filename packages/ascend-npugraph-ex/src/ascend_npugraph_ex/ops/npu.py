@@ -14,11 +14,11 @@ bf16 model) falls back to the reference composite so results keep the HF type pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ascend_npugraph_ex.ops.kernels import kernel_table
 from ascend_npugraph_ex.ops.reference import rms_norm_ref
 
 __all__ = ["KERNELS"]
@@ -92,27 +92,4 @@ def rotary(
     )
 
 
-def qk_norm_rope(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """NPU ``npugraph_ex.qk_norm_rope``: ``npu_rms_norm`` on q and k, then ``npu_rotary_mul``.
-
-    torch_npu has no single qk-norm+rope op (vllm-ascend's is a Triton-Ascend kernel), so this is
-    four launches instead of the ~20 of the unfused graph.
-    """
-    return rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), cos, sin)
-
-
-KERNELS: dict[str, Callable[..., Any]] = {
-    "rms_norm": rms_norm,
-    "add_rms_norm": add_rms_norm,
-    "swiglu": swiglu,
-    "rotary": rotary,
-    "qk_norm_rope": qk_norm_rope,
-}
+KERNELS = kernel_table(rms_norm=rms_norm, add_rms_norm=add_rms_norm, swiglu=swiglu, rotary=rotary)

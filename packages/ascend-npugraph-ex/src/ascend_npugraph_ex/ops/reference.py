@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ascend_npugraph_ex.ops.kernels import compose_qk_norm_rope
+
 __all__ = [
     "add_rms_norm_ref",
     "qk_norm_rope_ref",
@@ -54,14 +56,7 @@ def rotary_ref(
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def qk_norm_rope_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    eps: float,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of ``q`` and ``k`` over the last dim, then RoPE (Qwen3 attention)."""
-    return rotary_ref(rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps), cos, sin)
+qk_norm_rope_ref = compose_qk_norm_rope(rms_norm_ref, rotary_ref)
+qk_norm_rope_ref.__doc__ = (
+    "Per-head RMSNorm of ``q`` and ``k`` over the last dim, then RoPE (Qwen3 attention)."
+)

@@ -11,6 +11,8 @@ import enum
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from ascend_aclgraph.enum_parsing import parse_enum
+
 __all__ = ["ASCEND_ATTENTION_BACKENDS", "AttentionSupport", "weakest_attention_backend"]
 
 
@@ -39,20 +41,7 @@ class AttentionSupport(enum.Enum):
         Raises:
             ValueError: naming the bad value and every accepted name.
         """
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            try:
-                return cls(value)
-            except ValueError:
-                pass
-        accepted = ", ".join(m.name for m in cls)
-        raise ValueError(f"unknown attention support {value!r}; accepted values: {accepted}")
+        return parse_enum(cls, value, "attention support")
 
     # Explicit comparisons (not IntEnum): a level must never compare equal or less than an int.
     def __lt__(self, other: object) -> bool:

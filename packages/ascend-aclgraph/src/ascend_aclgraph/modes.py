@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
+from ascend_aclgraph.enum_parsing import parse_enum
+
 __all__ = ["BatchDescriptor", "GraphMode"]
 
 
@@ -33,19 +35,7 @@ class GraphMode(enum.Enum):
         """
         if value is None:
             return cls.NONE
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            for member in cls:
-                if member.value == value:
-                    return member
-        accepted = ", ".join(m.name for m in cls)
-        raise ValueError(f"unknown graph mode {value!r}; accepted values: {accepted}")
+        return parse_enum(cls, value, "graph mode")
 
     def separate_routine(self) -> bool:
         """True for the config modes that pick different runtime modes for decode and mixed."""

@@ -37,8 +37,9 @@ class CaptureFailures:
     """Applies a runner's failure policy to a failed capture.
 
     ``"raise"``: the error propagates (wrapped in :class:`CaptureError` if it is not one).
-    ``"eager"``: the failure is counted, a warning is issued once per runner, and the caller
-    runs that batch class eagerly from then on.
+    ``"eager"``: every failure is counted in ``stats.capture_failures`` and the caller runs that
+    batch class eagerly from then on. The first failure of a runner is reported once, as one
+    WARNING log record and one :class:`RuntimeWarning`; later ones are logged at DEBUG level.
     """
 
     def __init__(self, policy: FailurePolicy, stats: GraphStats) -> None:
@@ -53,15 +54,25 @@ class CaptureFailures:
                 raise exc
             raise CaptureError(f"capture of {what} failed: {exc}") from exc
         self.stats.capture_failures += 1
-        logger.warning("capture of %s failed, running it eagerly: %s", what, exc)
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"graph capture of {what} failed ({exc}); it runs eagerly "
-                "(on_capture_failure='eager'). Further failures are counted in stats.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        if self._warned:
+            # A model that cannot be captured usually fails at every size for the same reason
+            # (a host sync, say): the first report says it all, repeating it per size is noise.
+            logger.debug("capture of %s failed, running it eagerly: %s", what, exc)
+            return
+        self._warned = True
+        logger.warning(
+            "capture of %s failed, running it eagerly (on_capture_failure='eager'); further "
+            "capture failures of this runner are logged at DEBUG level and counted in "
+            "stats.capture_failures: %s",
+            what,
+            exc,
+        )
+        warnings.warn(
+            f"graph capture of {what} failed ({exc}); it runs eagerly "
+            "(on_capture_failure='eager'). Further failures are counted in stats.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 logger = logging.getLogger(__name__)

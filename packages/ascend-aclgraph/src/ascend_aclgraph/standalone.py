@@ -6,9 +6,14 @@
     logits = step(tokens_for_5_requests, positions_for_5_requests)   # replays the size-8 graph
 
 The returned :class:`CapturedCallable` owns static input buffers sized for the largest capture
-size. Each call copies the inputs into them (and fills the padding rows with ``pad_value``),
-replays the graph of the next capture size up, and returns the outputs cut back to the real
-batch. Batches above the largest size run eagerly and are counted.
+size. Each call copies the inputs into them (and fills the padding rows with each input's pad
+value), replays the graph of the next capture size up, and returns the outputs cut back to the
+real batch. Batches above the largest size run eagerly and are counted.
+
+Which inputs are batched, how each is padded and how outputs are cut back is decided by
+:mod:`ascend_aclgraph.batch_layout`, shared with the compile paths: ``fn`` is traced once with a
+symbolic batch size, which also proves that padding cannot change real rows. When it could (rows
+see each other), every graph is replayed at its exact size only and other sizes run eagerly.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from ascend_aclgraph.graph_capture import (
     FailurePolicy,
     capture_callable,
 )
-from ascend_aclgraph.static_inputs import StaticBatchInputs, resolve_batch_dims
+from ascend_aclgraph.batch_layout import BatchLayout, PadValues, layout_for_callable
+from ascend_aclgraph.errors import GraphInputError
+from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs, resolve_batch_dims
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.wrapper import update_graph_tasks
 
@@ -48,8 +55,6 @@ class _SizeEntry:
     captured: CapturedGraph | None
     flat_outputs: list[Any]
     spec: TreeSpec | None
-    # Per flat output: slice it along the batch dim on return?
-    batched: list[bool]
 
 
 def _progress(total: int, enabled: bool | None, desc: str) -> Any:
@@ -74,7 +79,8 @@ class CapturedCallable:
         dynamic_dim: int | Sequence[int | None],
         backend: str | GraphBackend,
         num_warmups: int,
-        pad_value: float | int | None,
+        pad_value: PadValues,
+        exact_sizes: bool,
         clone_outputs: bool,
         on_capture_failure: FailurePolicy,
         progress: bool | None,
@@ -93,13 +99,30 @@ class CapturedCallable:
         self.pool = self.backend.new_pool()
         self._lock = threading.Lock()
         self._sample_args = tuple(sample_args)
-        self._inputs = StaticBatchInputs(
+        self.layout: BatchLayout = layout_for_callable(
+            fn,
             self._sample_args,
             resolve_batch_dims(self._sample_args, dynamic_dim),
+            pad_value,
+            state=_module_state_flags(fn, self._sample_args),
+        )
+        # Padding is only sound when real rows never see padding rows; otherwise (or on
+        # request) a graph serves exactly its own size.
+        self.exact_sizes = exact_sizes or self.layout.exact_only
+        if self.layout.exact_only and not exact_sizes:
+            logger.warning(
+                "capture(): padding could change real rows, so each graph serves its exact "
+                "batch size only and other sizes run eagerly: %s",
+                self.layout.describe_exact(),
+            )
+        self._inputs = StaticBatchInputs(
+            self._sample_args,
+            self.layout.inputs,
             max_size=self.sizes.max_size,
             device=self.backend.device,
-            pad_value=pad_value,
         )
+        self._cut = OutputCutter(self.layout.outputs)
+        self._warned_uncaptured = False
         self._entries: dict[int, _SizeEntry] = {}
         # Output views per batch size, made once: slicing a tensor costs as much as a small
         # kernel launch, and these are on every call's path.
@@ -138,11 +161,10 @@ class CapturedCallable:
             captured = capture_callable(self.backend, self.pool, self.fn, args, {})
         except Exception as exc:
             self._failures.handle(exc, f"batch size {size}")
-            return _SizeEntry(size, None, [], None, [])
+            return _SizeEntry(size, None, [], None)
         flat, spec = tree_flatten(captured.outputs)
-        batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size for t in flat]
         self.stats.record_capture(size, captured.seconds)
-        return _SizeEntry(size, captured, flat, spec, batched)
+        return _SizeEntry(size, captured, flat, spec)
 
     # --- calls ------------------------------------------------------------------------------
 
@@ -154,11 +176,13 @@ class CapturedCallable:
     def _outputs_for(self, n: int, entry: _SizeEntry) -> list[Any]:
         outs = self._output_views.get(n)
         if outs is None:
-            outs = self._output_views[n] = [
-                t.narrow(0, 0, n) if b else t
-                for t, b in zip(entry.flat_outputs, entry.batched, strict=True)
-            ]
+            outs = self._output_views[n] = self._cut(entry.flat_outputs, n, entry.size)
         return outs
+
+    def _padded_size(self, n: int) -> int | None:
+        if self.exact_sizes:
+            return n if n in self._entries else None
+        return self.sizes.pad(n)
 
     def __call__(self, *args: Any, task_args: dict[str, Any] | None = None) -> Any:
         """Run one batch: replay the graph of the next capture size up, or run eagerly.
@@ -167,27 +191,54 @@ class CapturedCallable:
         :func:`ascend_aclgraph.updatable`): list values of the real batch length are padded to
         the graph's size by repeating their last element.
         """
-        n = self._inputs.batch_size(args)
-        size = self.sizes.pad(n)
+        inputs = self._inputs
+        n = inputs.batch_size(args)
+        size = self._padded_size(n)
         with self._lock:
             entry = self._entries.get(size) if size is not None else None
             if entry is None or entry.captured is None:
-                if size is None:
-                    self.stats.eager_fallbacks += 1
+                self._run_eagerly_note(n, size)
                 with torch.no_grad(), tasks.task_overrides(task_args or {}):
                     return self.fn(*args)
             assert size is not None
-            self._inputs.copy_in(args, n, size)
+            moved = inputs.moved_state(args)
+            if moved is not None:
+                raise GraphInputError(moved)
+            inputs.check_host(args)
+            inputs.copy_in(args, n, size)
             graph = entry.captured.graph
             if task_args:
                 update_graph_tasks(graph, _pad_task_args(task_args, n, entry.size))
             graph.replay()
+            inputs.copy_back(args, n)
             self.stats.replays += 1
             outs = self._outputs_for(n, entry)
             if self.clone_outputs:
                 outs = [t.clone() if isinstance(t, torch.Tensor) else t for t in outs]
             assert entry.spec is not None
             return tree_unflatten(outs, entry.spec)
+
+
+    def _run_eagerly_note(self, n: int, size: int | None) -> None:
+        if size is not None:
+            return  # that size's capture failed; CaptureFailures already said so
+        self.stats.eager_fallbacks += 1
+        if self.exact_sizes and n <= self.sizes.max_size and not self._warned_uncaptured:
+            self._warned_uncaptured = True
+            logger.warning(
+                "capture(): batch size %d has no graph of its own and padding is off "
+                "(exact sizes); it runs eagerly (further such calls are counted in "
+                "stats.eager_fallbacks)",
+                n,
+            )
+
+
+def _module_state_flags(fn: Any, args: Sequence[Any]) -> list[bool]:
+    """Per argument: is it a parameter or buffer (of ``fn`` if it is a module)? Never batched."""
+    owned: set[int] = set()
+    if isinstance(fn, torch.nn.Module):
+        owned = {id(t) for t in fn.parameters()} | {id(t) for t in fn.buffers()}
+    return [isinstance(a, torch.nn.Parameter) or id(a) in owned for a in args]
 
 
 def _pad_task_args(values: dict[str, Any], n: int, size: int) -> dict[str, Any]:
@@ -207,7 +258,8 @@ def capture(
     dynamic_dim: int | Sequence[int | None] = 0,
     backend: str | GraphBackend = "auto",
     num_warmups: int = 1,
-    pad_value: float | int | None = 0,
+    pad_value: PadValues = 0,
+    exact_sizes: bool = False,
     clone_outputs: bool = True,
     on_capture_failure: FailurePolicy = "raise",
     progress: bool | None = None,
@@ -217,21 +269,30 @@ def capture(
     Args:
         fn: a function or module; called positionally with tensors shaped like ``sample_args``.
         sample_args: example arguments. Tensors with a batch dim are copied into static
-            buffers of the largest size; other tensors are captured by address (a call that
-            passes a different tensor has it copied in); host values are baked in.
+            buffers of the largest size (and, if the graph writes them, their real rows are
+            copied back); other tensors, and every parameter or buffer, are state captured by
+            address (a call must pass the same tensor); host values are baked in.
         batch_sizes: capture sizes (validated, deduplicated, sorted); default vLLM's list up to 512.
         dynamic_dim: batch dim of every tensor argument, or one entry (int or None) per argument.
         backend: "auto" (npu, then cuda, then cpu), "npu", "cuda" or "cpu".
         num_warmups: eager runs before each capture. Capture runs ``fn`` on the sample data, so
             its side effects (a KV-cache write, say) happen then.
-        pad_value: fills the padding rows of batched inputs; ``None`` leaves stale rows.
+        pad_value: fills the padding rows of batched inputs: one number for all, one per
+            argument, or a mapping ``{argument name or index: value}`` (others get 0); ``None``
+            leaves stale rows. Pad index inputs so that padding rows write nothing real: vLLM
+            pads slot mappings with -1, which its kernels skip (see
+            ``ascend_aclgraph.testing.Qwen3Decoder.PAD_VALUES``).
+        exact_sizes: never pad: each graph serves its own size, other sizes run eagerly.
+            Switched on automatically (with one log line naming the op and source line) when
+            rows of ``fn`` see each other, so that padding would change real results.
         clone_outputs: return fresh tensors (default). ``False`` returns views of the static
             outputs, valid until the next call; faster, but not safe to keep across calls.
         on_capture_failure: "raise" (default) or "eager" (warn once, run that size eagerly).
         progress: show a tqdm bar while capturing; ``None`` shows it only on a terminal.
 
-    Outputs whose first dim equals the padded size are cut back to the real batch along dim 0.
-    Calls are serialized by a lock, so concurrent callers never see each other's outputs.
+    Outputs are cut back to the real batch along the dims that carry it (known from tracing
+    ``fn`` with a symbolic batch size); other outputs are returned whole. Calls are serialized
+    by a lock, so concurrent callers never see each other's outputs.
     """
     start = time.perf_counter()
     captured = CapturedCallable(
@@ -242,6 +303,7 @@ def capture(
         backend=backend,
         num_warmups=num_warmups,
         pad_value=pad_value,
+        exact_sizes=exact_sizes,
         clone_outputs=clone_outputs,
         on_capture_failure=on_capture_failure,
         progress=progress,

@@ -2,22 +2,30 @@
 
 A captured graph reads its inputs from the addresses it saw at capture. Every runner that lets
 callers pass fresh tensors of any batch size (``ascend_aclgraph.capture`` and the ``aclgraph``
-compile backend) keeps one buffer per batched argument, sized for the largest capture size;
-each call copies the real rows in, fills the padding rows, and hands the graph views of the
-padded size. Arguments without a batch dim are captured by address; a call that passes a
-different tensor for one of them has its data copied in.
+compile backend) keeps one buffer per batched input, sized for the largest capture size; each
+call copies the real rows in, fills the padding rows with that input's pad value, and hands the
+graph views of the padded size. A batched input the graph writes in place gets its real rows
+copied back to the caller's tensor after the replay.
+
+State inputs (parameters, buffers, KV caches, any unbatched tensor) are captured by address:
+the graph writes them where they live, so a call must pass the very same tensor. Copying another
+tensor into the captured one would make the graph write the caller's *old* tensor and never the
+new one, so that is refused (:meth:`StaticBatchInputs.moved_state`).
+
+Which input is which is decided once, by :mod:`ascend_aclgraph.batch_layout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ascend_aclgraph.batch_layout import InputSpec, OutputSpec
 from ascend_aclgraph.errors import GraphInputError
 
-__all__ = ["StaticBatchInputs", "resolve_batch_dims"]
+__all__ = ["OutputCutter", "StaticBatchInputs", "resolve_batch_dims"]
 
 
 def resolve_batch_dims(
@@ -59,72 +67,80 @@ def resolve_batch_dims(
         elif arg.shape[dim] != batch:
             raise GraphInputError(
                 f"batched arguments disagree on the batch size: {batch} vs {arg.shape[dim]} "
-                f"(argument {i})"
+                f"(argument {i}); mark unbatched tensors with None in dynamic_dim"
             )
     if batch is None:
         raise GraphInputError("no tensor argument has a batch dim: nothing to pad")
     return dims
 
 
+def _label(i: int, spec: InputSpec) -> str:
+    return f"argument {i} ({spec.name!r})" if spec.name else f"argument {i}"
+
+
 class StaticBatchInputs:
     """Persistent, padded input buffers for a family of graphs captured at several sizes.
 
     Args:
-        sample_args: one call's arguments; they fix dtypes, non-batch shapes and the values of
-            host arguments.
-        dims: per argument, its batch dim, or ``None`` for arguments captured as they are.
+        sample_args: one call's arguments; they fix dtypes, non-batch shapes, the state tensors
+            (by address) and the values of host arguments.
+        specs: per argument, its role, batch dim and pad value (from a ``BatchLayout``).
         max_size: the largest size a graph is captured at.
         device: where the buffers live (the graph backend's device).
-        pad_value: what padding rows are filled with; ``None`` leaves stale rows.
-        owned: per argument, whether an unbatched tensor gets a private copy instead of being
-            captured by address (for tensors the caller does not expect to be written into).
-        size_slots: indices of host int arguments that carry the batch size (a dynamic-shape
-            graph's SymInt inputs): graphs see the padded size there.
     """
 
     def __init__(
         self,
         sample_args: Sequence[Any],
-        dims: Sequence[int | None],
+        specs: Sequence[InputSpec],
         *,
         max_size: int,
         device: torch.device,
-        pad_value: float | int | None,
-        owned: Sequence[bool] | None = None,
-        size_slots: Collection[int] = (),
     ) -> None:
-        self.dims = list(dims)
-        self.pad_value = pad_value
-        self.size_slots = frozenset(size_slots)
+        self.specs = list(specs)
         self.max_size = max_size
-        self._batched = [i for i, d in enumerate(self.dims) if d is not None]
+        self._batched = [i for i, s in enumerate(self.specs) if s.role == "batched"]
+        self._state = [i for i, s in enumerate(self.specs) if s.role == "state"]
+        self._host = [i for i, s in enumerate(self.specs) if s.role == "host"]
+        self._written = [i for i in self._batched if self.specs[i].written]
         self.static: list[Any] = []
-        for i, (arg, dim) in enumerate(zip(sample_args, self.dims, strict=True)):
-            if dim is None:
-                if owned is not None and owned[i] and isinstance(arg, torch.Tensor):
-                    arg = arg.detach().clone()
+        for arg, spec in zip(sample_args, self.specs, strict=True):
+            if spec.role != "batched":
                 self.static.append(arg)
                 continue
+            assert spec.dim is not None
             shape = list(arg.shape)
-            shape[dim] = max_size
-            buf = torch.zeros(shape, dtype=arg.dtype, device=device)
-            n = min(arg.shape[dim], max_size)
-            buf.narrow(dim, 0, n).copy_(arg.narrow(dim, 0, n))
+            shape[spec.dim] = max_size
+            # Rows past the sample's are padding from the start: captures run on them.
+            fill = spec.pad_value if spec.pad_value is not None else 0
+            buf = torch.full(shape, fill, dtype=arg.dtype, device=device)
+            n = min(arg.shape[spec.dim], max_size)
+            buf.narrow(spec.dim, 0, n).copy_(arg.narrow(spec.dim, 0, n))
             self.static.append(buf)
         # Views per size, made once: slicing costs as much as a small kernel launch and these
         # are on every call's path; graphs also need the *same* view objects each replay.
         self._args: dict[int, tuple[Any, ...]] = {}
-        self._input_views: dict[int, list[torch.Tensor | None]] = {}
-        self._pad_views: dict[tuple[int, int], list[torch.Tensor | None]] = {}
+        self._input_views: dict[int, list[torch.Tensor]] = {}
+        self._pad_views: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    @property
+    def dims(self) -> list[int | None]:
+        return [s.dim if s.role == "batched" else None for s in self.specs]
 
     def args_for(self, size: int) -> tuple[Any, ...]:
         """The arguments a graph of ``size`` is captured and replayed with."""
         args = self._args.get(size)
         if args is None:
-            args = self._args[size] = tuple(
-                size if i in self.size_slots else (s if dim is None else s.narrow(dim, 0, size))
-                for i, (s, dim) in enumerate(zip(self.static, self.dims, strict=True))
-            )
+            parts: list[Any] = []
+            for s, spec in zip(self.static, self.specs, strict=True):
+                if spec.role == "size":
+                    parts.append(size)
+                elif spec.role == "batched":
+                    assert spec.dim is not None
+                    parts.append(s.narrow(spec.dim, 0, size))
+                else:
+                    parts.append(s)
+            args = self._args[size] = tuple(parts)
         return args
 
     def batch_size(self, args: Sequence[Any]) -> int:
@@ -135,76 +151,127 @@ class StaticBatchInputs:
             )
         n = None
         for i in self._batched:
-            arg, dim = args[i], self.dims[i]
+            arg, dim = args[i], self.specs[i].dim
             assert dim is not None
             if not isinstance(arg, torch.Tensor):
-                raise GraphInputError(f"argument {i} must be a tensor, got {type(arg).__name__}")
+                raise GraphInputError(
+                    f"{_label(i, self.specs[i])} must be a tensor, got {type(arg).__name__}"
+                )
             if n is None:
                 n = arg.shape[dim]
             elif arg.shape[dim] != n:
                 raise GraphInputError(
                     f"batched arguments disagree on the batch size: {n} vs {arg.shape[dim]} "
-                    f"(argument {i})"
+                    f"({_label(i, self.specs[i])})"
                 )
         if n is None:
             raise GraphInputError("no argument has a batch dim")
         return int(n)
 
-    def copy_in(self, args: Sequence[Any], n: int, size: int) -> tuple[Any, ...]:
-        """Copy a batch of ``n`` into the buffers, pad to ``size``; return the graph's args."""
-        for i, (arg, static, dim) in enumerate(zip(args, self.static, self.dims, strict=True)):
-            if dim is None:
-                if i not in self.size_slots:
-                    self._copy_unbatched(i, arg, static)
+    def moved_state(self, args: Sequence[Any]) -> str | None:
+        """Why this call cannot replay because a state input is not the captured one, or None.
+
+        State tensors are captured by address; the graph reads and writes them there. A tensor
+        at another address would be neither read nor written by a replay.
+        """
+        for i in self._state:
+            arg, static = args[i], self.static[i]
+            if arg is static:
                 continue
-            expected = static.shape[:dim] + static.shape[dim + 1 :]
-            got = arg.shape[:dim] + arg.shape[dim + 1 :]
-            if got != expected or arg.dtype != static.dtype:
+            if (
+                not isinstance(arg, torch.Tensor)
+                or arg.data_ptr() != static.data_ptr()
+                or arg.shape != static.shape
+                or arg.stride() != static.stride()
+                or arg.dtype != static.dtype
+            ):
+                return (
+                    f"{_label(i, self.specs[i])} is a state tensor captured by address "
+                    f"(shape {tuple(static.shape)}, at 0x{static.data_ptr():x}); this call "
+                    f"passes another tensor. State tensors (weights, buffers, caches, every "
+                    "unbatched tensor) must keep their address: pass the captured tensor and "
+                    "update it in place, or give the argument a batch dim"
+                )
+        return None
+
+    def check_host(self, args: Sequence[Any]) -> None:
+        for i in self._host:
+            if args[i] != self.static[i]:
                 raise GraphInputError(
-                    f"argument {i}: captured non-batch shape {tuple(expected)} and dtype "
+                    f"{_label(i, self.specs[i])} is a host value baked into the graphs "
+                    f"({self.static[i]!r}); got {args[i]!r}. Pass it as a tensor, or capture "
+                    "again."
+                )
+
+    def copy_in(self, args: Sequence[Any], n: int, size: int) -> tuple[Any, ...]:
+        """Copy a batch of ``n`` into the buffers, pad to ``size``; return the graph's args.
+
+        Callers check :meth:`moved_state` and :meth:`check_host` first.
+        """
+        views = self._views(n)
+        for k, i in enumerate(self._batched):
+            arg, spec = args[i], self.specs[i]
+            view = views[k]
+            if arg.dtype != view.dtype or arg.shape != view.shape:
+                static = self.static[i]
+                dim = spec.dim
+                assert dim is not None
+                expected = static.shape[:dim] + static.shape[dim + 1 :]
+                got = arg.shape[:dim] + arg.shape[dim + 1 :]
+                raise GraphInputError(
+                    f"{_label(i, spec)}: captured non-batch shape {tuple(expected)} and dtype "
                     f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
                 )
-            self._input_view(n, i).copy_(arg)
-            if size > n and self.pad_value is not None:
-                self._pad_view(n, size, i).fill_(self.pad_value)
+            view.copy_(arg)
+            if size > n and spec.pad_value is not None:
+                self._pad_view(n, size, k).fill_(spec.pad_value)
         return self.args_for(size)
 
-    @staticmethod
-    def _copy_unbatched(i: int, arg: Any, static: Any) -> None:
-        if isinstance(static, torch.Tensor):
-            if arg is static:
-                return
-            if not isinstance(arg, torch.Tensor) or arg.shape != static.shape:
-                raise GraphInputError(
-                    f"argument {i} was captured as a tensor of shape "
-                    f"{tuple(static.shape)}; got {getattr(arg, 'shape', type(arg))}"
-                )
-            if arg.data_ptr() != static.data_ptr():
-                static.copy_(arg)
-        elif arg != static:
-            raise GraphInputError(
-                f"argument {i} is a host value baked into the graphs ({static!r}); "
-                f"got {arg!r}. Pass it as a tensor, or capture again."
-            )
+    def copy_back(self, args: Sequence[Any], n: int) -> None:
+        """Copy the real rows of batched inputs the graph wrote back into the caller's tensors."""
+        if not self._written:
+            return
+        views = self._views(n)
+        for k, i in enumerate(self._batched):
+            if self.specs[i].written and args[i] is not views[k]:
+                args[i].copy_(views[k])
 
-    def _input_view(self, n: int, i: int) -> torch.Tensor:
+    def _views(self, n: int) -> list[torch.Tensor]:
         views = self._input_views.get(n)
         if views is None:
             views = self._input_views[n] = [
-                None if d is None else s.narrow(d, 0, n)
-                for s, d in zip(self.static, self.dims, strict=True)
+                self.static[i].narrow(self.specs[i].dim, 0, n)  # type: ignore[arg-type]
+                for i in self._batched
             ]
-        view = views[i]
-        assert view is not None
-        return view
+        return views
 
-    def _pad_view(self, n: int, size: int, i: int) -> torch.Tensor:
+    def _pad_view(self, n: int, size: int, k: int) -> torch.Tensor:
         views = self._pad_views.get((n, size))
         if views is None:
             views = self._pad_views[(n, size)] = [
-                None if d is None else s.narrow(d, n, size - n)
-                for s, d in zip(self.static, self.dims, strict=True)
+                self.static[i].narrow(self.specs[i].dim, n, size - n)  # type: ignore[arg-type]
+                for i in self._batched
             ]
-        view = views[i]
-        assert view is not None
-        return view
+        return views[k]
+
+
+class OutputCutter:
+    """Cuts a graph's flat outputs back to the real batch, along the dims that carry it only."""
+
+    def __init__(self, specs: Sequence[OutputSpec] | None) -> None:
+        self.specs = list(specs) if specs is not None else None
+
+    def __call__(self, flat: Sequence[Any], n: int, size: int) -> list[Any]:
+        specs = self.specs
+        if specs is None or n == size:
+            return list(flat)
+        if len(specs) != len(flat):
+            raise AssertionError(f"{len(flat)} outputs but a layout for {len(specs)}")
+        out: list[Any] = []
+        for value, spec in zip(flat, specs, strict=True):
+            if spec.kind == "batched" and isinstance(value, torch.Tensor):
+                value = value.narrow(spec.dim, 0, n * spec.factor)
+            elif spec.kind == "size":
+                value = n * spec.factor
+            out.append(value)
+        return out

@@ -6,7 +6,12 @@ import itertools
 
 import pytest
 from ascend_aclgraph import AttentionSupport
-from ascend_aclgraph.attention_support import ASCEND_ATTENTION_BACKENDS, weakest_attention_backend
+from ascend_aclgraph.attention_support import (
+    ASCEND_ATTENTION_BACKENDS,
+    UnknownAttentionBackendError,
+    resolve_attention_support,
+    weakest_attention_backend,
+)
 
 ORDER = ["NEVER", "UNIFORM_SINGLE_TOKEN_DECODE", "UNIFORM_BATCH", "ALWAYS"]
 
@@ -70,3 +75,38 @@ def test_ascend_backend_table_matches_the_guide() -> None:
     assert ASCEND_ATTENTION_BACKENDS["context_parallel/attention_cp"] is AttentionSupport.ALWAYS
     for name in ("mla_v1", "context_parallel/mla_cp", "sfa_v1", "context_parallel/sfa_cp"):
         assert ASCEND_ATTENTION_BACKENDS[name] is AttentionSupport.UNIFORM_BATCH
+
+
+@pytest.mark.parametrize(
+    ("support", "name", "expected"),
+    [
+        # An explicit level wins, and any name is then a mere label.
+        ("uniform_batch", "my_attn", (AttentionSupport.UNIFORM_BATCH, "given", "my_attn")),
+        (3, "MLA_V1", (AttentionSupport.ALWAYS, "given", "mla_v1")),
+        # Without one, the table gives the level; names are matched in any case.
+        (None, "mla_v1", (AttentionSupport.UNIFORM_BATCH, "backend table", "mla_v1")),
+        (None, " SFA_V1 ", (AttentionSupport.UNIFORM_BATCH, "backend table", "sfa_v1")),
+        (None, "Attention_V1", (AttentionSupport.ALWAYS, "backend table", "attention_v1")),
+        # Nothing at all: vLLM's default for a backend that declares nothing.
+        (None, None, (AttentionSupport.ALWAYS, "default", None)),
+    ],
+)
+def test_resolve_attention_support(
+    support: str | int | None, name: str | None, expected: tuple[object, ...]
+) -> None:
+    # (`backend` is the conftest's graph-backend fixture, hence `name`.)
+    assert tuple(resolve_attention_support(support, name)) == expected
+
+
+def test_unknown_backend_without_a_level_is_an_error() -> None:
+    with pytest.raises(UnknownAttentionBackendError) as info:
+        resolve_attention_support(None, "mla_v2")
+    message = str(info.value)
+    assert message.startswith("unknown attention backend 'mla_v2'; known backends (any case): ")
+    assert all(name in message for name in ASCEND_ATTENTION_BACKENDS)
+    assert isinstance(info.value, ValueError)
+
+
+def test_empty_backend_name_is_an_error() -> None:
+    with pytest.raises(ValueError, match="the attention backend name is empty"):
+        resolve_attention_support("ALWAYS", "")

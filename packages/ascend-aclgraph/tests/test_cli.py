@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from ascend_aclgraph.cli import main
+from ascend_aclgraph.cli import build_parser, main
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -119,8 +119,26 @@ def test_no_attention_split(capsys: pytest.CaptureFixture[str]) -> None:
         ),
         (["--capture-sizes", "0"], "argument --capture-sizes: expected a positive integer"),
         (
-            ["--capture-sizes", "16", "--max-capture-size", "8"],
-            "argument --capture-sizes/--max-capture-size",
+            # Contradictory: the sizes are given, so a maximum would be ignored (or cut them).
+            ["--capture-sizes", "1,2,4", "--max-capture-size", "8"],
+            "argument --max-capture-size: not allowed with argument --capture-sizes",
+        ),
+        (
+            ["--max-capture-size", "8", "--capture-sizes", "16"],
+            "argument --capture-sizes: not allowed with argument --max-capture-size",
+        ),
+        (
+            # A typo must not silently count as ALWAYS and get FULL graphs.
+            ["--mode", "FULL", "--attention-backend", "mla_v2"],
+            "argument --attention-backend: unknown attention backend 'mla_v2'; known backends "
+            "(any case): attention_v1, context_parallel/attention_cp, mla_v1, "
+            "context_parallel/mla_cp, sfa_v1, context_parallel/sfa_cp, dsa_v1, dsa_cp, indexer, "
+            "gdn_attn; to use another backend, give its attention support level explicitly "
+            "(--attention-support)",
+        ),
+        (
+            ["--attention-backend", " "],
+            "argument --attention-backend: the attention backend name is empty\n",
         ),
         (["--max-num-seqs", "-1"], "argument --max-num-seqs: expected a positive integer"),
         (["--uniform-decode-query-len", "0"], "argument --uniform-decode-query-len"),
@@ -192,9 +210,9 @@ def test_module_entry_point_subprocess() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["effective_mode"] == "FULL_AND_PIECEWISE"
     # The narrowing is in the report; it must not also leak onto stderr as a log line.
-    # (stderr may hold unrelated interpreter warnings, e.g. torch's about a missing numpy.)
     assert "narrowed" not in proc.stderr
     assert "FULL_AND_PIECEWISE" not in proc.stderr
+    assert proc.stderr == ""
 
     bad = subprocess.run(
         [sys.executable, "-m", "ascend_aclgraph.cli", "explain", "--mode", "x"],
@@ -210,3 +228,94 @@ def test_module_entry_point_subprocess() -> None:
 def test_console_script_registered() -> None:
     meta = tomllib.loads((PACKAGE / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["ascend-graph"] == "ascend_aclgraph.cli:main"
+
+
+@pytest.mark.parametrize("name", ["MLA_V1", "Mla_V1", " mla_v1 "])
+def test_backend_names_are_case_insensitive(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["explain", "--mode", "FULL", "--attention-backend", name], capsys)
+    assert code == 0, err
+    # The name is shown as listed, and its table level narrows FULL as for "mla_v1".
+    assert "attention:       mla_v1, support UNIFORM_BATCH (backend table), split" in out
+    assert "effective mode:  FULL_AND_PIECEWISE" in out
+
+
+def test_unknown_backend_is_allowed_with_an_explicit_level(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["explain", "--mode", "FULL", "--attention-backend", "my_attn"]
+    code, out, err = run_main([*argv, "--attention-support", "uniform_batch"], capsys)
+    assert code == 0, err
+    assert "attention:       my_attn, support UNIFORM_BATCH (given), split" in out
+    assert "attention backend my_attn supports UNIFORM_BATCH only" in out
+
+
+def test_explicit_level_overrides_the_backend_table(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["explain", "--attention-backend", "MLA_V1", "--attention-support", "always", "--json"]
+    code, out, err = run_main(argv, capsys)
+    assert code == 0, err
+    inputs = json.loads(out)["inputs"]
+    assert inputs["attention_backend"] == "mla_v1"
+    assert (inputs["attention_support"], inputs["attention_support_source"]) == ("ALWAYS", "given")
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "error"),
+    [
+        (
+            ["explain", "--json", "--mode", "fullest"],
+            2,
+            "argument --mode: unknown graph mode 'fullest'; accepted values: "
+            "NONE, PIECEWISE, FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE",
+        ),
+        # The flag that fails comes before --json: --json is still honoured.
+        (
+            ["explain", "--max-num-seqs", "0", "--json"],
+            2,
+            "argument --max-num-seqs: expected a positive integer, got '0'",
+        ),
+        (
+            ["explain", "--json", "--attention-backend", "mla_v2"],
+            2,
+            "argument --attention-backend: unknown attention backend 'mla_v2'",
+        ),
+        (
+            ["explain", "--json", "--capture-sizes", "1,2", "--max-capture-size", "4"],
+            2,
+            "argument --max-capture-size: not allowed with argument --capture-sizes",
+        ),
+        (["explain", "--json", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["explain", "--json=yes"], 2, "argument --json: ignored explicit argument 'yes'"),
+        (
+            ["explain", "--json", "--mode", "FULL", "--attention-support", "NEVER"],
+            1,
+            "FULL graphs capture attention for mixed prefill/decode batches, but the attention "
+            "backend supports NEVER. Fix: request PIECEWISE",
+        ),
+    ],
+)
+def test_errors_under_json_are_json(
+    argv: list[str], status: int, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(argv, capsys)
+    assert code == status
+    report = json.loads(out)
+    assert set(report) == {"error", "exit_status"}
+    assert report["exit_status"] == status
+    assert report["error"].startswith(error)
+    # The human-readable line still goes to stderr, without the usage text.
+    assert err.endswith(f"error: {report['error']}\n")
+    assert "usage:" not in err
+
+
+def test_json_after_double_dash_is_not_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["explain", "--mode", "x", "--", "--json"], capsys)
+    assert code == 2
+    assert out == ""
+    assert "usage: ascend-graph explain" in err
+
+
+def test_build_parser_keeps_argparse_error_behaviour(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["explain", "--mode", "x"])
+    assert info.value.code == 2
+    assert "ascend-graph explain: error: argument --mode" in capsys.readouterr().err

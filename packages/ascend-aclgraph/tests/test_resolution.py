@@ -277,3 +277,21 @@ def test_deterministic() -> None:
         for _ in range(3)
     }
     assert len(results) == 1
+
+
+def test_level_from_the_backend_table_when_none_is_given() -> None:
+    # The same rule as `ascend-graph explain`: the table level, the name in any case.
+    mode, reasons = resolve_graph_mode(
+        "FULL", None, attention_is_split=True, attention_backend="MLA_V1"
+    )
+    assert mode is GraphMode.FULL_AND_PIECEWISE
+    assert reasons[0].startswith(
+        "FULL narrowed to FULL_AND_PIECEWISE: attention backend mla_v1 supports UNIFORM_BATCH"
+    )
+    assert resolve_graph_mode("FULL", None, attention_is_split=True) == (GraphMode.FULL, [])
+
+
+def test_unknown_backend_without_a_level_is_an_error() -> None:
+    # A typo must not be taken as ALWAYS: that would keep FULL graphs the backend cannot run.
+    with pytest.raises(ValueError, match="unknown attention backend 'mla_v2'; known backends"):
+        resolve_graph_mode("FULL", None, attention_is_split=True, attention_backend="mla_v2")

@@ -10,10 +10,18 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Literal, NamedTuple
 
 from ascend_aclgraph.enum_parsing import parse_enum
 
-__all__ = ["ASCEND_ATTENTION_BACKENDS", "AttentionSupport", "weakest_attention_backend"]
+__all__ = [
+    "ASCEND_ATTENTION_BACKENDS",
+    "AttentionSupport",
+    "AttentionSupportChoice",
+    "UnknownAttentionBackendError",
+    "resolve_attention_support",
+    "weakest_attention_backend",
+]
 
 
 class AttentionSupport(enum.Enum):
@@ -69,8 +77,9 @@ class AttentionSupport(enum.Enum):
 
 
 #: Support levels declared by vllm-ascend's attention metadata builders (its graph-mode guide and
-#: the ``get_cudagraph_support`` overrides). Used by ``ascend-graph explain`` when only a backend
-#: name is given; a backend that is not listed must state its level explicitly.
+#: the ``get_cudagraph_support`` overrides). Used by :func:`resolve_attention_support` (and so by
+#: ``ascend-graph explain``) when only a backend name is given; a backend that is not listed must
+#: state its level explicitly.
 ASCEND_ATTENTION_BACKENDS: Mapping[str, AttentionSupport] = MappingProxyType(
     {
         "attention_v1": AttentionSupport.ALWAYS,
@@ -102,3 +111,62 @@ def weakest_attention_backend(
     parsed = [(name, AttentionSupport.parse(level)) for name, level in backends.items()]
     # min() keeps the first of equal elements, which is the documented tie rule.
     return min(parsed, key=lambda item: item[1].value)
+
+
+# Lower-cased name -> name as listed: backend names are matched in any case, like mode names.
+_BACKENDS_BY_FOLDED_NAME: Mapping[str, str] = MappingProxyType(
+    {name.lower(): name for name in ASCEND_ATTENTION_BACKENDS}
+)
+
+
+class UnknownAttentionBackendError(ValueError):
+    """A backend name that is not in :data:`ASCEND_ATTENTION_BACKENDS`, with no explicit level."""
+
+
+class AttentionSupportChoice(NamedTuple):
+    """The attention support level to resolve a graph mode with, and where it came from."""
+
+    support: AttentionSupport
+    #: ``"given"`` (stated explicitly), ``"backend table"`` (looked up in
+    #: :data:`ASCEND_ATTENTION_BACKENDS`) or ``"default"`` (nothing given: ``ALWAYS``).
+    source: Literal["given", "backend table", "default"]
+    #: The backend's name as listed in the table if it is listed there, else as given; ``None``
+    #: when no backend was named.
+    backend: str | None
+
+
+def resolve_attention_support(
+    attention_support: AttentionSupport | str | int | None,
+    attention_backend: str | None,
+) -> AttentionSupportChoice:
+    """The support level for a backend name and/or an explicit level: the one rule for both.
+
+    - An explicit ``attention_support`` wins. The backend name is then only a label and may be
+      any name, so backends that are not in :data:`ASCEND_ATTENTION_BACKENDS` can be described.
+    - Otherwise a named backend must be in :data:`ASCEND_ATTENTION_BACKENDS` (matched in any
+      case) and gives its level. An unknown name is an error rather than a guess: a typo such as
+      ``mla_v2`` must not silently get ``ALWAYS``, and with it FULL graphs the backend cannot run.
+    - With neither, the level is ``ALWAYS``, vLLM's default for a backend that declares nothing.
+
+    Raises:
+        UnknownAttentionBackendError: an unknown backend name without an explicit level; the
+            message lists the known backends.
+        ValueError: an empty backend name, or an unknown support level.
+    """
+    backend = None
+    if attention_backend is not None:
+        backend = attention_backend.strip()
+        if not backend:
+            raise ValueError("the attention backend name is empty")
+        backend = _BACKENDS_BY_FOLDED_NAME.get(backend.lower(), backend)
+    if attention_support is not None:
+        return AttentionSupportChoice(AttentionSupport.parse(attention_support), "given", backend)
+    if backend is None:
+        return AttentionSupportChoice(AttentionSupport.ALWAYS, "default", None)
+    if backend not in ASCEND_ATTENTION_BACKENDS:
+        raise UnknownAttentionBackendError(
+            f"unknown attention backend {attention_backend!r}; known backends (any case): "
+            f"{', '.join(ASCEND_ATTENTION_BACKENDS)}; to use another backend, give its "
+            "attention support level explicitly"
+        )
+    return AttentionSupportChoice(ASCEND_ATTENTION_BACKENDS[backend], "backend table", backend)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from ascend_aclgraph.attention_support import AttentionSupport
+from ascend_aclgraph.attention_support import AttentionSupport, resolve_attention_support
 from ascend_aclgraph.errors import GraphModeError
 from ascend_aclgraph.modes import GraphMode
 
@@ -53,7 +53,7 @@ def _check_query_len(value: object) -> int:
 
 def resolve_graph_mode(
     requested: GraphMode | str,
-    attention_support: AttentionSupport | str,
+    attention_support: AttentionSupport | str | None,
     *,
     attention_is_split: bool,
     uniform_decode_query_len: int = 1,
@@ -66,14 +66,20 @@ def resolve_graph_mode(
     Args:
         requested: the configured mode, a :class:`GraphMode` or its name in any case.
         attention_support: the *weakest* support level over all attention backends of the
-            model, an :class:`AttentionSupport` or its name in any case.
+            model, an :class:`AttentionSupport` or its name in any case; or ``None`` to take the
+            level of ``attention_backend`` from
+            :data:`~ascend_aclgraph.attention_support.ASCEND_ATTENTION_BACKENDS` (``ALWAYS`` if
+            no backend is named). See
+            :func:`~ascend_aclgraph.attention_support.resolve_attention_support`.
         attention_is_split: whether the compiled FX graph is split at the attention ops
             (vLLM's ``splitting_ops`` contain attention under ``VLLM_COMPILE``). Without the
             split there are no piecewise graphs.
         uniform_decode_query_len: ``1 + num_speculative_tokens``; above 1 is speculative decode.
         context_parallel: prefill or decode context parallelism is enabled.
         encoder_decoder: the model is an encoder-decoder model.
-        attention_backend: name of the weakest backend, only used in the explanations.
+        attention_backend: name of the weakest backend, matched in any case. With an explicit
+            ``attention_support`` it is only used in the explanations and may be any name;
+            without one it must be a known Ascend backend.
 
     Returns:
         ``(effective_mode, reasons)``: one reason per narrowing step, in order, each of the form
@@ -107,18 +113,17 @@ def resolve_graph_mode(
     rounding for speculative decode is done by :class:`~ascend_aclgraph.GraphDispatcher`.
 
     Raises:
-        ValueError: an unknown mode or support name, or a bad ``uniform_decode_query_len``.
+        ValueError: an unknown mode or support name, an unknown backend name without an
+            explicit ``attention_support``, or a bad ``uniform_decode_query_len``.
         GraphModeError: the request cannot be narrowed to anything that keeps its meaning
             (``FULL`` graphs of mixed batches with an attention backend that supports
             ``NEVER``); the message says what to request instead.
     """
     original = GraphMode.parse(requested)
-    support = AttentionSupport.parse(attention_support)
+    support, _, backend_name = resolve_attention_support(attention_support, attention_backend)
     query_len = _check_query_len(uniform_decode_query_len)
     split = bool(attention_is_split)
-    backend = (
-        f"attention backend {attention_backend}" if attention_backend else "the attention backend"
-    )
+    backend = f"attention backend {backend_name}" if backend_name else "the attention backend"
     no_piecewise = "" if split else f", and {_NO_PIECEWISE}"
 
     state = _Narrowing(original)

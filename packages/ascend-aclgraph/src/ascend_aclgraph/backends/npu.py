@@ -64,7 +64,10 @@ class NpuGraphBackend(DeviceGraphBackend):
                 "torch_npu is installed but no NPU is visible: check the Ascend driver, CANN, "
                 "and ASCEND_RT_VISIBLE_DEVICES"
             )
-        device = torch.device("npu", npu.current_device())
+        # torch_npu is PyTorch's PrivateUse1 backend, renamed "npu": this is torch.device("npu",
+        # i) once torch_npu is imported. Naming it by the dispatch key also lets the tests drive
+        # this backend through a stand-in ``torch.npu`` that records calls, with no NPU at all.
+        device = torch.device("privateuseone", npu.current_device())
         super().__init__(npu, npu.NPUGraph, device, capture_error_mode)
         self._npu = npu
         # Task updates run on their own stream so they overlap the replay, as in vllm-ascend.

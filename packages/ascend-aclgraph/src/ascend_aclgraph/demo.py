@@ -12,6 +12,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -38,21 +39,62 @@ def _generate(
     return torch.stack(out, dim=1), seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="auto", help="auto, cpu, cuda or npu")
-    parser.add_argument("--requests", type=int, default=3, help="batch size (padded to a graph)")
-    parser.add_argument("--tokens", type=int, default=24, help="tokens to generate per request")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (timings)")
-    args = parser.parse_args(argv)
-    if args.requests < 1 or args.tokens < 1:
-        parser.error("--requests and --tokens must be positive")
+def _int_in(low: int, high: int | None = None, limit: str = "") -> Callable[[str], int]:
+    """An argparse type for an int in ``[low, high]``; ``limit`` says what sets ``high``."""
 
-    torch.set_num_threads(args.threads)
-    backend = ag.get_backend(args.backend)
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high} ({limit}), got {value}")
+        return value
+
+    return convert
+
+
+def main(argv: list[str] | None = None) -> int:
     cfg = Qwen3Config.small(
         hidden_size=256, num_layers=4, intermediate_size=768, vocab_size=1024, max_seq=64
     )
+    sizes = [1, 2, 4, 8]
+    # The KV cache has max_batch rows (one per request) and max_seq positions: a larger batch,
+    # or a longer generation, would index past it. Checked here so that the user gets a usage
+    # error naming the limit rather than an IndexError from inside the model.
+    batch_limit = f"the model's KV cache holds {cfg.max_batch} requests"
+    seq_limit = f"the model's KV cache holds {cfg.max_seq} positions"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="auto", help="auto, cpu, cuda or npu")
+    parser.add_argument(
+        "--requests",
+        type=_int_in(1, cfg.max_batch, batch_limit),
+        default=3,
+        metavar="N",
+        help=f"batch size, 1 to {cfg.max_batch} ({batch_limit}); padded to a capture size "
+        f"({', '.join(map(str, sizes))}), above {max(sizes)} every step runs eagerly "
+        "(default: 3)",
+    )
+    parser.add_argument(
+        "--tokens",
+        type=_int_in(1, cfg.max_seq, seq_limit),
+        default=24,
+        metavar="N",
+        help=f"tokens to generate per request, 1 to {cfg.max_seq} ({seq_limit}; default: 24)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_int_in(1),
+        default=1,
+        metavar="N",
+        help="CPU threads (timings; default: 1)",
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    backend = ag.get_backend(args.backend)
     model = Qwen3Decoder(cfg).to(backend.device)
     vocab = cfg.vocab_size
     assert vocab is not None
@@ -65,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.num_heads}/{cfg.num_kv_heads} heads x {cfg.head_dim}, MLP {cfg.intermediate_size}, "
         f"vocab {cfg.vocab_size}, KV cache {cfg.max_batch} x {cfg.max_seq} per layer"
     )
-    sizes = [1, 2, 4, 8]
     sample = (
         torch.zeros(max(sizes), dtype=torch.long, device=backend.device),
         torch.zeros(max(sizes), dtype=torch.long, device=backend.device),
@@ -80,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     start = torch.randint(0, vocab, (args.requests,), generator=gen).to(backend.device)
     eager_tokens, eager_s = _generate(model, model, start, args.tokens)
+    replays_before = stats.replays
     graph_tokens, graph_s = _generate(graph_step, model, start, args.tokens)
+    replayed = stats.replays - replays_before
 
     padded = graph_step.sizes.pad(args.requests)
     mode = f"graph (padded to {padded})" if padded else "eager fallback (above max size)"
@@ -95,10 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     eager_ms = statistics.median(eager_s[1:] or eager_s) * 1e3
     graph_ms = statistics.median(graph_s[1:] or graph_s) * 1e3
     print(f"\ntokens equal: {matches}/{total}")
-    print(
-        f"median step: eager {eager_ms:.3f} ms, graph {graph_ms:.3f} ms "
-        f"({eager_ms / graph_ms:.2f}x), {torch.get_num_threads()} thread(s)"
-    )
+    if replayed:
+        print(
+            f"median step: eager {eager_ms:.3f} ms, graph {graph_ms:.3f} ms "
+            f"({eager_ms / graph_ms:.2f}x), {torch.get_num_threads()} thread(s)"
+        )
+    else:
+        # Both columns timed the eager model: a ratio of them would be noise, not a speed-up.
+        print(
+            f"median step: eager {eager_ms:.3f} ms; the graph path replayed no graph "
+            f"(batch {args.requests} is above the largest capture size {max(sizes)}), so every "
+            f"step ran eagerly ({graph_ms:.3f} ms) and there is no graph speed-up to report"
+        )
     print(f"runtime counters: {stats.as_dict()}")
     return 0 if matches == total else 1
 

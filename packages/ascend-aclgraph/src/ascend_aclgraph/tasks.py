@@ -12,14 +12,17 @@ This module is the device-generic face of that mechanism::
 
     out = ascend_aclgraph.updatable(attention_op, q, k, v, seq_lens=lens)   # inside the model
     ...
-    for task in graph.tasks:                                                # before replay
-        task.update(seq_lens=new_lens)
+    graph.replay({task: {"seq_lens": new_lens} for task in graph.tasks})    # each step
+    # or: task.update(seq_lens=new_lens) for each task, then graph.replay()
 
-Outside a capture, :func:`updatable` simply calls the op. Tensor arguments given to
-:meth:`UpdatableTask.update` are copied into the captured tensor (the device-buffer way, valid
-on every backend); host values are rewritten by the backend: a real task update on NPU, a
-rewrite of the recorded op on the CPU twin, and an error on CUDA, where the device-buffer way
-is the only one (pass the value as a device tensor instead).
+Outside a capture, :func:`updatable` simply calls the op. Tensor arguments of an update are
+copied into the captured tensor at once (the device-buffer way, valid on every backend: the
+copy is queued on the current stream, ahead of the next replay). Host values are *staged* and
+applied by the next :meth:`~ascend_aclgraph.backends.Graph.replay`, in the order the device
+needs: on the NPU after the replay is enqueued (the graph waits at each task's event while the
+task is rewritten on the update stream; rewriting earlier would race the previous replay), on
+the CPU twin before it runs. CUDA graphs cannot rewrite a task at all, so staging a host value
+there raises (pass the value as a device tensor instead).
 """
 
 from __future__ import annotations
@@ -95,10 +98,14 @@ class UpdatableTask:
         # Backend-specific state: the twin's op record, the NPU task-group handle and event.
         self.handle: Any = None
         self.event: Any = None
-        self.updated_since_replay = False
+        # Host-side changes staged by update(), applied (then cleared) by the next replay.
+        self.pending: dict[str, Any] = {}
 
     def current(self, name: str) -> Any:
-        """The value argument ``name`` has now (as captured, or as last updated)."""
+        """The value argument ``name`` has in the graph: as captured, or as a replay last set it.
+
+        Changes staged since the last replay are in :attr:`pending` until the next one.
+        """
         if name in self.kwargs:
             return self.kwargs[name]
         if self.arg_names is not None and name in self.arg_names:
@@ -119,10 +126,12 @@ class UpdatableTask:
         return f"updatable task {getattr(self.op, '__name__', self.op)!s}"
 
     def update(self, **changes: Any) -> None:
-        """Rewrite arguments for the next replay.
+        """Change arguments for the next replay of this task's graph.
 
-        Tensors are copied into the captured tensor (same shape and dtype required). Host
-        values (ints, floats, lists) are rewritten in the captured task by the backend.
+        Tensors are copied into the captured tensor now (same shape and dtype required). Host
+        values (ints, floats, lists) are staged in :attr:`pending`; the next replay has the
+        backend rewrite the captured task with them, in its device's order (see the module
+        docstring). Staging twice before a replay keeps the latest value per argument.
         """
         if current_capture() is not None:
             raise TaskUpdateError("tasks cannot be updated while a graph is being captured")
@@ -158,11 +167,15 @@ class UpdatableTask:
                     )
                 host_changes[name] = value
         if host_changes:
-            graph = self.graph
-            graph.backend.update_host_args(self, host_changes)
-            for name, value in host_changes.items():
-                self._store(name, value)
-        self.updated_since_replay = True
+            # Refused here rather than at replay, so the error points at the caller's update.
+            self.graph.backend.check_host_update(self, host_changes)
+            self.pending.update(host_changes)
+
+    def _applied(self) -> None:
+        """Called by a replay that rewrote the captured task with :attr:`pending`."""
+        for name, value in self.pending.items():
+            self._store(name, value)
+        self.pending.clear()
 
     def _store(self, name: str, value: Any) -> None:
         if name in self.kwargs or self.arg_names is None:

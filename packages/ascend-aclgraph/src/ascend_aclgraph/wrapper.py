@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ascend_aclgraph.backends import GraphBackend, GraphPool, get_backend
+from ascend_aclgraph.backends import Graph, GraphBackend, GraphPool, get_backend
 from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.graph_capture import (
     CapturedGraph,
@@ -169,9 +169,11 @@ class GraphWrapper:
         return captured.outputs
 
     def update_tasks(self, descriptor: BatchDescriptor, **changes: Any) -> int:
-        """Rewrite the named arguments of every updatable task of ``descriptor``'s graph.
+        """Stage ``changes`` for every updatable task of ``descriptor``'s graph.
 
-        Returns how many tasks took the change (tasks without such an argument are skipped).
+        The wrapper's next replay of that graph applies them, in the device's order (on the
+        NPU: after the replay is enqueued). Returns how many tasks took the change (tasks
+        without such an argument are skipped).
         """
         entry = self.entries.get(descriptor)
         if entry is None or entry.captured is None:
@@ -179,12 +181,13 @@ class GraphWrapper:
         return update_graph_tasks(entry.captured.graph, changes)
 
 
-def update_graph_tasks(graph: Any, changes: dict[str, Any]) -> int:
-    """Apply ``changes`` to every task of ``graph`` that has all those arguments."""
-    count = 0
-    for task in graph.tasks:
-        names = set(task.known_names()) | set(task.kwargs)
-        if set(changes) <= names:
-            task.update(**changes)
-            count += 1
-    return count
+def update_graph_tasks(graph: Graph, changes: Mapping[str, Any]) -> int:
+    """Stage ``changes`` for every task of ``graph`` that takes all of those arguments.
+
+    The next ``graph.replay()`` applies them; ``graph.replay(graph.updates_for(changes))`` does
+    both in one call. Returns how many tasks took the change.
+    """
+    updates = graph.updates_for(changes)
+    for task, task_changes in updates.items():
+        task.update(**task_changes)
+    return len(updates)

@@ -9,7 +9,8 @@ them on the same storages). They share one contract:
 * replay reads the *same* input storages and writes the *same* output storages as capture, so
   callers copy new inputs into static buffers and read outputs from the captured tensors;
 * host-side arguments (Python ints and lists) are baked into the graph, unless the op was
-  captured as an :class:`~ascend_aclgraph.tasks.UpdatableTask`;
+  captured as an :class:`~ascend_aclgraph.tasks.UpdatableTask`, whose changes are applied by
+  :meth:`Graph.replay` in the order the device needs;
 * all graphs captured into one :class:`GraphPool` share its memory, so at most one of them is
   replayed at a time. A graph's outputs are never placed where a later capture puts its work,
   so they survive other graphs' replays; a graph's *temporaries* are reused by later captures.
@@ -19,15 +20,20 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import torch
+
+from ascend_aclgraph.errors import TaskUpdateError
 
 if TYPE_CHECKING:
     from ascend_aclgraph.tasks import UpdatableTask
 
-__all__ = ["Graph", "GraphBackend", "GraphPool"]
+__all__ = ["Graph", "GraphBackend", "GraphPool", "TaskUpdates"]
+
+# Argument changes per task of one graph: {task: {argument name: new value}}.
+TaskUpdates: TypeAlias = Mapping["UpdatableTask", Mapping[str, Any]]
 
 
 class GraphPool:
@@ -54,13 +60,42 @@ class Graph:
         self.tasks: list[UpdatableTask] = []
         self.captured = False
 
-    def replay(self) -> None:
-        """Launch the captured work; outputs land in the tensors produced at capture."""
+    def replay(self, updates: TaskUpdates | None = None) -> None:
+        """Launch the captured work; outputs land in the tensors produced at capture.
+
+        ``updates`` changes arguments of this graph's tasks for this replay, as
+        :meth:`~ascend_aclgraph.tasks.UpdatableTask.update` would; changes staged with
+        ``update()`` since the last replay are applied too. The backend applies host-side
+        changes in its device's order: on the NPU the replay is enqueued first and each task is
+        rewritten on the update stream while the graph waits at the task's event; on the twin
+        the recorded ops are rewritten, then run. A rewritten task keeps its new arguments.
+        """
         if not self.captured:
             raise RuntimeError("replay() of a graph that was never captured successfully")
-        self.backend.replay(self)
-        for task in self.tasks:
-            task.updated_since_replay = False
+        for task, changes in (updates or {}).items():
+            if task.graph is not self:
+                raise TaskUpdateError(
+                    f"{task.describe()} belongs to another graph; replay() updates only the "
+                    "tasks of the graph it replays"
+                )
+            task.update(**changes)
+        staged = {task: task.pending for task in self.tasks if task.pending}
+        self.backend.replay(self, staged)
+        for task in staged:
+            task._applied()
+
+    def updates_for(self, changes: Mapping[str, Any]) -> dict[UpdatableTask, dict[str, Any]]:
+        """``changes`` for every task of this graph that takes all of those arguments.
+
+        How a model runner updates every attention layer with one step's sequence lengths:
+        ``graph.replay(graph.updates_for({"seq_lens": lens}))``.
+        """
+        wanted = set(changes)
+        return {
+            task: dict(changes)
+            for task in self.tasks
+            if wanted <= set(task.known_names()) | set(task.kwargs)
+        }
 
     def declare_outputs(self, outputs: Sequence[torch.Tensor]) -> None:
         """Tell the backend which tensors the caller reads after each replay.
@@ -111,8 +146,14 @@ class GraphBackend(abc.ABC):
         """Wait for all queued device work."""
 
     @abc.abstractmethod
-    def replay(self, graph: Graph) -> None:
-        """Launch ``graph`` (already captured)."""
+    def replay(self, graph: Graph, updates: Mapping[UpdatableTask, dict[str, Any]]) -> None:
+        """Launch ``graph`` (already captured), rewriting its tasks with ``updates``.
+
+        ``updates`` holds validated host-side changes for some of ``graph``'s tasks. Each
+        backend orders the rewrite against the launch as its device requires (see
+        :meth:`Graph.replay`); a rewrite never runs while an earlier replay may still read the
+        task.
+        """
 
     @abc.abstractmethod
     def reset(self, graph: Graph) -> None:
@@ -132,7 +173,19 @@ class GraphBackend(abc.ABC):
 
     @abc.abstractmethod
     def update_host_args(self, task: UpdatableTask, changes: dict[str, Any]) -> None:
-        """Rewrite host-side (non-tensor) arguments of a captured task for the next replay."""
+        """Rewrite host-side (non-tensor) arguments of a captured task.
+
+        Only :meth:`replay` calls it, at the point in the launch where its device allows.
+        """
+
+    def check_host_update(  # noqa: B027 (accepting everything is the default)
+        self, task: UpdatableTask, changes: Mapping[str, Any]
+    ) -> None:
+        """Raise :class:`~ascend_aclgraph.errors.TaskUpdateError` if ``changes`` cannot be applied.
+
+        Called when a change is staged, so that the error points at the caller's update rather
+        than at a later replay. Backends that can rewrite captured tasks accept everything.
+        """
 
     # --- shared behaviour ------------------------------------------------------------------
 

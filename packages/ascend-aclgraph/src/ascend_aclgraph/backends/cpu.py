@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,7 +108,12 @@ class CpuTwinBackend(GraphBackend):
     def synchronize(self) -> None:
         """The twin runs synchronously; nothing to wait for."""
 
-    def replay(self, graph: Graph) -> None:
+    def replay(self, graph: Graph, updates: Mapping[UpdatableTask, dict[str, Any]]) -> None:
+        # The twin runs synchronously, so no earlier replay can still be reading a task: the
+        # device's order (launch, then rewrite while the graph waits at the task's event) comes
+        # down to rewriting the recorded ops first, then running them.
+        for task, changes in updates.items():
+            self.update_host_args(task, changes)
         graph.native.replay()
 
     def reset(self, graph: Graph) -> None:

@@ -59,9 +59,6 @@ class DeviceGraphBackend(GraphBackend):
     def synchronize(self) -> None:
         self._module.synchronize(self._device)
 
-    def replay(self, graph: Graph) -> None:
-        graph.native.replay()
-
     def reset(self, graph: Graph) -> None:
         graph.native.reset()
 

@@ -6,9 +6,12 @@ Written against the public torch_npu API (``torch_npu/npu/graphs.py``):
   ``torch.npu.graph_pool_handle()``;
 * updatable tasks, as vllm-ascend does for ``npu_fused_infer_attention_score``: at capture, an
   ``ExternalEvent`` wait+reset is captured in front of the op, and the op is captured inside
-  ``graph_task_group_begin/end``; an update re-issues the op with new host arguments between
-  ``graph_task_update_begin/end`` on a dedicated update stream and records the event there,
-  which releases the replayed graph at its wait node.
+  ``graph_task_group_begin/end``. A replay then goes in vllm-ascend's order
+  (``ACLGraphWrapper.__call__``, then ``update_full_graph_params``): synchronize the current
+  stream, enqueue the replay (it stops on-device at each task's wait node), and on a dedicated
+  update stream re-issue each changed task's op with its new host arguments between
+  ``graph_task_update_begin/end``, then record the task's event, which releases the graph there.
+  Unchanged tasks only get their event recorded.
 
 torch_npu is imported lazily: importing it needs CANN, and installing it on a machine without
 one breaks ``import torch`` (it autoloads), so nothing here runs unless this backend is asked for.
@@ -17,7 +20,7 @@ one breaks ``import torch`` (it autoloads), so nothing here runs unless this bac
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,16 +76,23 @@ class NpuGraphBackend(DeviceGraphBackend):
         # Task updates run on their own stream so they overlap the replay, as in vllm-ascend.
         self._update_stream = npu.Stream()
 
-    def replay(self, graph: Graph) -> None:
-        if graph.tasks:
-            # Each replay waits on every task's external event. Release the ones nobody updated
-            # (their captured arguments stand), and keep this step's host-side updates from
-            # racing the previous replay, as vllm-ascend's ACLGraphWrapper does.
-            self._npu.current_stream().synchronize()
-            for task in graph.tasks:
-                if not task.updated_since_replay:
-                    task.event.record(self._update_stream)
+    def replay(self, graph: Graph, updates: Mapping[UpdatableTask, dict[str, Any]]) -> None:
+        if not graph.tasks:
+            graph.native.replay()
+            return
+        # A task rewrite (or event record) for this step must not land while the previous
+        # replay still runs that task: vllm-ascend's ACLGraphWrapper synchronizes here too.
+        self._npu.current_stream().synchronize()
+        # Enqueued first: the graph runs up to each task's captured event wait, and the tasks
+        # are rewritten meanwhile on the update stream.
         graph.native.replay()
+        for task in graph.tasks:
+            changes = updates.get(task)
+            if changes:
+                self.update_host_args(task, changes)
+            else:
+                # Its captured (or last written) arguments stand; release the graph there.
+                task.event.record(self._update_stream)
 
     def run_updatable(
         self,
@@ -110,6 +120,10 @@ class NpuGraphBackend(DeviceGraphBackend):
         return result
 
     def update_host_args(self, task: UpdatableTask, changes: dict[str, Any]) -> None:
+        """Re-issue ``task``'s op with ``changes`` as a task update, then release its event.
+
+        Only :meth:`replay` calls it, after enqueueing the graph that waits on that event.
+        """
         npu = self._npu
         args = list(task.args)
         kwargs = dict(task.kwargs)

@@ -21,8 +21,19 @@ def _fresh_dynamo() -> None:
     torch._dynamo.reset()
 
 
-def _pad(x: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros((size - x.shape[0], *x.shape[1:]))])
+PAD = dict(Qwen3Decoder.PAD_VALUES)
+
+
+def _pad(x: torch.Tensor, size: int, value: float = 0) -> torch.Tensor:
+    return torch.cat([x, x.new_full((size - x.shape[0], *x.shape[1:]), value)])
+
+
+def _pad_step_args(
+    args: tuple[torch.Tensor, ...], size: int, pad: dict[str, int] = PAD
+) -> list[torch.Tensor]:
+    """Pad (hidden, positions[, seq_ids]) as the runner does with ``pad``."""
+    values = [pad.get("tokens", 0), pad.get("positions", 0), pad.get("seq_ids", 0)]
+    return [_pad(a, size, v) for a, v in zip(args, values, strict=False)]
 
 
 def _mixed_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -44,12 +55,17 @@ def _decode_batch(
 
 
 def _check_against_padded_eager(
-    model: Qwen3Decoder, compiled: object, args: tuple[torch.Tensor, ...], size: int, uniform: bool
+    model: Qwen3Decoder,
+    compiled: object,
+    args: tuple[torch.Tensor, ...],
+    size: int,
+    uniform: bool,
+    pad: dict[str, int] = PAD,
 ) -> None:
     n = args[0].shape[0]
     before = model.cache_state()
     with torch.no_grad():
-        expected = model(*(_pad(a, size) for a in args))[:n]
+        expected = model(*_pad_step_args(args, size, pad))[:n]
     expected_cache = model.cache_state()
     model.load_cache_state(before)
     with torch.no_grad(), ag.batch_hint(uniform_decode=uniform):
@@ -78,7 +94,9 @@ EXPECTED_GRAPHS = {
 @pytest.mark.parametrize("mode", ["FULL", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY"])
 def test_modes_equal_eager_on_the_padded_batch(mode: str, uniform: bool) -> None:
     model = Qwen3Decoder(Qwen3Config.small())
-    compiler = ag.make_compile_backend(mode=mode, batch_sizes=SIZES, backend="cpu")
+    compiler = ag.make_compile_backend(
+        mode=mode, batch_sizes=SIZES, backend="cpu", pad_value=PAD
+    )
     compiled = torch.compile(model, backend=compiler, dynamic=True)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):  # warm-up, capture, replay per descriptor
@@ -89,7 +107,7 @@ def test_modes_equal_eager_on_the_padded_batch(mode: str, uniform: bool) -> None
             _check_against_padded_eager(model, compiled, args, size, uniform)
     # Dynamo specialises size 1 even with dynamic=True: a static graph of its own, captured at
     # exactly that size; every other size shares the dynamic graph.
-    assert sorted(r.layout.static_size or 0 for r in compiler.runners) == [0, 1]
+    assert sorted(r.static_size or 0 for r in compiler.runners) == [0, 1]
     stats = compiler.stats
     graphs = EXPECTED_GRAPHS[(mode, uniform)]
     assert stats.captures == graphs
@@ -102,7 +120,9 @@ def test_modes_equal_eager_on_the_padded_batch(mode: str, uniform: bool) -> None
 
 def test_full_and_piecewise_nests_full_around_pieces_and_picks_by_hint() -> None:
     model = Qwen3Decoder(Qwen3Config.small())
-    compiler = ag.make_compile_backend(mode="FULL_AND_PIECEWISE", batch_sizes=SIZES, num_warmups=0)
+    compiler = ag.make_compile_backend(
+        mode="FULL_AND_PIECEWISE", batch_sizes=SIZES, num_warmups=0, pad_value=PAD
+    )
     compiled = torch.compile(model, backend=compiler, dynamic=True)
     gen = torch.Generator().manual_seed(1)
     # Same signature for both kinds of batch, so one compiled graph serves both.
@@ -127,7 +147,9 @@ def test_graph_break_gives_each_graph_its_own_runner() -> None:
         torch._dynamo.graph_break()
         return second(h, positions)
 
-    compiler = ag.make_compile_backend(mode="PIECEWISE", batch_sizes=SIZES, num_warmups=0)
+    compiler = ag.make_compile_backend(
+        mode="PIECEWISE", batch_sizes=SIZES, num_warmups=0, pad_value=PAD
+    )
     compiled = torch.compile(step, backend=compiler, dynamic=True)
     gen = torch.Generator().manual_seed(2)
     for n in (3, 3, 7):
@@ -139,8 +161,8 @@ def test_graph_break_gives_each_graph_its_own_runner() -> None:
         second.load_cache_state(caches[1])
         size = next(s for s in SIZES if s >= n)
         # Each graph pads its own inputs: the second one sees zeros in the padding rows.
-        h = first(_pad(x, size), _pad(positions, size))[:n]
-        expected = second(_pad(h, size), _pad(positions, size))[:n]
+        h = first(*_pad_step_args((x, positions), size))[:n]
+        expected = second(*_pad_step_args((h, positions), size))[:n]
         assert torch.equal(got, expected)
         for a, b in zip(
             first.cache_state() + second.cache_state(), after[0] + after[1], strict=True
@@ -156,7 +178,7 @@ def test_graph_break_gives_each_graph_its_own_runner() -> None:
 
 def test_recompile_for_a_new_size_shares_the_compiler_pool_and_stats() -> None:
     model = Qwen3Decoder(Qwen3Config.small())
-    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, num_warmups=0)
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, num_warmups=0, pad_value=PAD)
     compiled = torch.compile(model, backend=compiler)  # dynamic=None: static first, then dynamic
     gen = torch.Generator().manual_seed(3)
     # The first call compiles a graph specialised to n=3, captured at exactly that size. n=5
@@ -165,11 +187,12 @@ def test_recompile_for_a_new_size_shares_the_compiler_pool_and_stats() -> None:
     for n, size in [(3, 3), (5, 8), (3, 4), (6, 8), (5, 8)]:
         _check_against_padded_eager(model, compiled, _decode_batch(n, gen), size, True)
     static, dynamic = compiler.runners
-    assert static.layout.static_size == 3
+    assert static.static_size == 3
     assert static.full is not None
     assert set(static.full.entries) == {ag.BatchDescriptor(3)}
-    assert dynamic.layout.static_size is None
-    assert dynamic.layout.size_slots
+    assert dynamic.static_size is None
+    assert dynamic.layout is not None
+    assert any(spec.role == "size" for spec in dynamic.layout.inputs)
     assert dynamic.full is not None
     assert set(dynamic.full.entries) == {ag.BatchDescriptor(8), ag.BatchDescriptor(4)}
     assert static.pools() == dynamic.pools() == [compiler.pool]
@@ -179,7 +202,7 @@ def test_recompile_for_a_new_size_shares_the_compiler_pool_and_stats() -> None:
 
 def test_changed_float_attribute_runs_eagerly_instead_of_replaying_a_stale_constant() -> None:
     model = Qwen3Decoder(Qwen3Config.small())
-    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, num_warmups=0)
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, num_warmups=0, pad_value=PAD)
     compiled = torch.compile(model, backend=compiler, dynamic=True)
     gen = torch.Generator().manual_seed(4)
     _check_against_padded_eager(model, compiled, _decode_batch(2, gen), 4, True)
@@ -262,14 +285,14 @@ def test_options_and_mode_reach_the_registered_backend_by_name(
     monkeypatch.setitem(registry._BACKENDS, "aclgraph", ep)
     try:
         model = Qwen3Decoder(Qwen3Config.small())
-        options = {"mode": "PIECEWISE", "batch_sizes": [2, 4], "num_warmups": 0}
+        options = {"mode": "PIECEWISE", "batch_sizes": [2, 4], "num_warmups": 0, "pad_value": PAD}
         compiled = torch.compile(model, backend="aclgraph", options=dict(options), dynamic=True)
         gen = torch.Generator().manual_seed(5)
         _check_against_padded_eager(model, compiled, _mixed_batch(3, gen), 4, False)
         assert ag.shared_compiler(options).stats.captures == 3
         torch._dynamo.reset()
         by_mode = torch.compile(model, backend="aclgraph", mode="full", dynamic=True)
-        _check_against_padded_eager(model, by_mode, _decode_batch(3, gen), 4, True)
+        _check_against_padded_eager(model, by_mode, _decode_batch(3, gen), 4, True, pad={})
         assert ag.shared_compiler({"mode": "FULL"}).runners[-1].full is not None
     finally:
         registry._COMPILER_FNS.pop("aclgraph", None)
@@ -299,6 +322,10 @@ def test_grad_mode_with_trainable_parameters_runs_eagerly() -> None:
     assert compiler.num_graphs == 0
     assert compiler.eager_calls == 1
     with torch.no_grad():
+        # Against eager on the same padded batch (4 rows): BLAS rounds 3-row and 4-row matmuls
+        # differently on some CPUs, so only equal shapes compare bitwise.
+        expected = layer(torch.ones(4, 4))[:3]
         for _ in range(3):
-            assert torch.equal(compiled(torch.ones(3, 4)), layer(torch.ones(3, 4)))
+            assert torch.equal(compiled(torch.ones(3, 4)), expected)
+        torch.testing.assert_close(compiled(torch.ones(3, 4)), layer(torch.ones(3, 4)))
     assert compiler.num_graphs == 1

@@ -12,6 +12,8 @@ decides them here: :func:`ascend_aclgraph.capture` (through :func:`layout_for_ca
   reads and writes them where they are, so their writes stay the caller's. Never batched;
 * ``host``: a Python value baked into the graph;
 * ``size``: a symbolic size equal to the batch (it takes the padded size);
+* ``baked``: a 0-d tensor whose value the compile runner baked into the graph (it checks the
+  value itself; dynamo passes Python floats such as an RMSNorm's eps this way);
 
 and per output whether, and along which dim, it is cut back to the real batch. It also says
 whether padding is sound at all: a graph whose rows see each other (a reduction, contraction,
@@ -54,8 +56,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PadValue = float | int | None
-PadValues = PadValue | Sequence[PadValue] | Mapping[str | int, PadValue]
-InputRole = Literal["batched", "state", "host", "size"]
+PadValues = PadValue | Sequence[PadValue] | Mapping[str, PadValue] | Mapping[int, PadValue]
+InputRole = Literal["batched", "state", "host", "size", "baked"]
 
 
 @dataclass(frozen=True)
@@ -107,17 +109,21 @@ class BatchLayout:
 def _check_pad(value: Any, where: str) -> PadValue:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise GraphInputError(f"pad value for {where} must be a number or None, got {value!r}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
-def resolve_pad_values(pad_value: PadValues, names: Sequence[str]) -> list[PadValue]:
+def resolve_pad_values(
+    pad_value: PadValues, names: Sequence[str], *, strict: bool = True
+) -> list[PadValue]:
     """One pad value per input: a number for all, one per input, or a mapping by name/index.
 
-    Inputs a mapping does not name are padded with 0. Unknown names are errors (a typo would
-    otherwise pad a slot mapping with 0 and write real KV slots).
+    Inputs a mapping does not name are padded with 0. With ``strict``, a name that is not an
+    input is an error (a typo would otherwise pad a slot mapping with 0 and write real KV
+    slots); a compiled graph may legitimately lack an argument (``None``, or past a graph
+    break), so the compile path is not strict.
     """
-    if pad_value is None or isinstance(pad_value, (int, float)) and not isinstance(
-        pad_value, bool
+    if pad_value is None or (
+        isinstance(pad_value, (int, float)) and not isinstance(pad_value, bool)
     ):
         return [pad_value] * len(names)
     if isinstance(pad_value, Mapping):
@@ -127,6 +133,8 @@ def resolve_pad_values(pad_value: PadValues, names: Sequence[str]) -> list[PadVa
                 index = key
             elif isinstance(key, str) and key in names:
                 index = names.index(key)
+            elif not strict:
+                continue
             else:
                 raise GraphInputError(
                     f"pad_value names input {key!r}, which is not an input; inputs: "
@@ -170,6 +178,10 @@ def _new_fake_mode() -> Any:
 _trace_lock = threading.Lock()
 
 
+def _keep_frames(self: Any, user_stack_summary: Any) -> Any:
+    return user_stack_summary
+
+
 @contextlib.contextmanager
 def _user_stack_traces() -> Iterator[None]:
     """Keep every frame in the stack traces make_fx records (it keeps ``forward`` frames only).
@@ -181,7 +193,7 @@ def _user_stack_traces() -> Iterator[None]:
 
     with _trace_lock:
         original = PythonKeyTracer.__dict__.get("_filter_traceback_frames")
-        PythonKeyTracer._filter_traceback_frames = lambda self, frames: frames  # type: ignore[method-assign]
+        PythonKeyTracer._filter_traceback_frames = _keep_frames  # type: ignore[method-assign,assignment]
         try:
             yield
         finally:
@@ -201,7 +213,7 @@ def _trace(fn: Callable[..., Any], fake_args: Sequence[Any], fake_mode: Any) -> 
 def _spec_outputs(analysis_outputs: Sequence[Any]) -> tuple[list[OutputSpec], list[str]]:
     specs: list[OutputSpec] = []
     reasons: list[str] = []
-    for i, ann in enumerate(analysis_outputs):
+    for ann in analysis_outputs:
         if isinstance(ann, Rows):
             specs.append(OutputSpec("batched", ann.dim, ann.factor))
         elif isinstance(ann, tuple):
@@ -286,7 +298,7 @@ def _finish(
     # make_fx makes a placeholder for every argument (host values included).
     index_of = list(range(len(inputs))) if flat_placeholders else tensor_inputs
     rows: list[Any] = []
-    for p, i in zip(placeholders, index_of, strict=False):
+    for i in index_of[: len(placeholders)]:
         spec = inputs[i]
         rows.append(Rows(spec.dim) if spec.role == "batched" and spec.dim is not None else None)
     state = [k for k, i in enumerate(index_of) if inputs[i].role == "state"]
@@ -345,7 +357,7 @@ def layout_for_dynamo_graph(
     ]
     user_names = [_user_input_name(n) for n in placeholders]
     names = [u or "" for u in user_names]
-    pads = resolve_pad_values(pad_value, names)
+    pads = resolve_pad_values(pad_value, names, strict=False)
     batch = None
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > dim:
@@ -355,7 +367,7 @@ def layout_for_dynamo_graph(
     inputs: list[InputSpec] = []
     static_size = None
     if batch is None:
-        for i, (value, ex) in enumerate(zip(values, example_inputs, strict=True)):
+        for i, ex in enumerate(example_inputs):
             if isinstance(ex, torch.Tensor) and user_names[i] is not None and ex.dim() > dim:
                 if static_size is None:
                     static_size = int(ex.shape[dim])
@@ -382,9 +394,13 @@ def layout_for_dynamo_graph(
                 if sym is None:
                     continue
                 if d != dim or sym != batch:
-                    return None, None, (
-                        f"input {i} has symbolic size {size} at dim {d}; only dim {dim} may "
-                        f"vary, and only as the batch size {batch}"
+                    return (
+                        None,
+                        None,
+                        (
+                            f"input {i} has symbolic size {size} at dim {d}; only dim {dim} may "
+                            f"vary, and only as the batch size {batch}"
+                        ),
                     )
                 spec = InputSpec("batched", dim, pads[i], name=names[i])
             inputs.append(spec)
@@ -399,10 +415,9 @@ def _analyze_dynamo(
     gm: fx.GraphModule, values: Sequence[Any], inputs: list[InputSpec], batch: Any
 ) -> BatchLayout:
     """Retrace the dynamo graph to aten ops on its own fake inputs, then analyse it."""
-    from torch._guards import detect_fake_mode
-
-    fake_values = [v for v in values if isinstance(v, (torch.Tensor, torch.SymInt))]
-    fake_mode = detect_fake_mode(fake_values)
+    # The placeholders' own fake mode: dynamo hands backends a fresh one in the tracing
+    # context, which shares the shape env but cannot mix with these tensors.
+    fake_mode = next((v.fake_mode for v in values if hasattr(v, "fake_mode")), None)
     try:
         if fake_mode is None:
             raise RuntimeError("the graph's inputs carry no fake tensors")

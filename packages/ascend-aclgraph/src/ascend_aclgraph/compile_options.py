@@ -25,7 +25,8 @@ _ACCEPTS = {
     "None for the attention ops",
     "on_capture_failure": "'raise' or 'eager'",
     "dynamic_dim": "an int, the batch dim of every batched tensor",
-    "pad_value": "a number, or None to leave padding rows stale",
+    "pad_value": "a number for every batched input, a mapping {argument name: number} (others "
+    "get 0), or None to leave padding rows stale",
     "clone_outputs": "a bool",
     "max_num_seqs": "an int >= 1, or None for the largest batch size",
     "debug": "a bool",
@@ -48,7 +49,8 @@ class AclGraphCompileOptions:
         splitting_ops: where PIECEWISE graphs are cut (see :mod:`ascend_aclgraph.splitting`).
         on_capture_failure: "raise", or "eager" to warn once and run that descriptor eagerly.
         dynamic_dim: the batch dim of batched inputs and outputs.
-        pad_value: what padding rows of batched inputs are filled with.
+        pad_value: what padding rows of batched inputs are filled with: one number, or per
+            argument name of the compiled function (``{"slot_mapping": -1}``), others 0.
         clone_outputs: return copies of the outputs (``False``: views of graph memory, valid
             until the next call).
         max_num_seqs: the largest uniform decode batch that gets a FULL graph in the config
@@ -63,7 +65,8 @@ class AclGraphCompileOptions:
     splitting_ops: SplittingOps = dataclasses.field(default_factory=SplittingOps)
     on_capture_failure: Literal["raise", "eager"] = "raise"
     dynamic_dim: int = 0
-    pad_value: float | int | None = 0
+    # A mapping is kept as sorted (name, value) pairs: options are hashable (shared_compiler).
+    pad_value: float | int | tuple[tuple[str, float | int | None], ...] | None = 0
     clone_outputs: bool = True
     max_num_seqs: int | None = None
     debug: bool = False
@@ -95,8 +98,18 @@ class AclGraphCompileOptions:
         return cls(**kwargs)
 
     @property
+    def pad_values(self) -> float | int | dict[str, float | int | None] | None:
+        """``pad_value`` in the form :func:`~ascend_aclgraph.batch_layout.resolve_pad_values`
+        takes."""
+        return dict(self.pad_value) if isinstance(self.pad_value, tuple) else self.pad_value
+
+    @property
     def max_uniform_batch(self) -> int:
         return self.max_num_seqs if self.max_num_seqs is not None else self.batch_sizes.max_size
+
+
+def _is_pad_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def _int(value: Any, minimum: int) -> int:
@@ -131,7 +144,12 @@ def _convert(key: str, value: Any) -> Any:
             raise TypeError("not an int")
         return value
     if key == "pad_value":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if isinstance(value, Mapping):
+            for name, number in value.items():
+                if not isinstance(name, str) or not _is_pad_number(number):
+                    raise TypeError(f"entry {name!r}: {number!r}")
+            return tuple(sorted(value.items()))
+        if not _is_pad_number(value):
             raise TypeError("not a number")
         return value
     if key in ("clone_outputs", "debug"):

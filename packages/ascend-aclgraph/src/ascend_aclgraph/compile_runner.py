@@ -16,12 +16,16 @@ The graph runs through the wrappers of the configured mode, nested as in vLLM: F
 :class:`~ascend_aclgraph.GraphWrapper` around the graph; PIECEWISE is the split graph with one
 wrapper per piece; FULL_AND_PIECEWISE is a FULL wrapper around the split graph.
 
-Which inputs are batched: with dynamic shapes, the tensors whose ``dynamic_dim`` is the batch
-symbol (the symbol at that dim of the first tensor input that has one), and SymInt inputs equal
-to it take the padded size. A graph dynamo specialised to one size has no symbol; its batched
-inputs are the caller's own tensors (not parameters or buffers), and it is captured at exactly
-its size, since its shapes are baked in. Graphs with any other symbolic size run eagerly, with
-a warning: a captured graph cannot follow a size the descriptor does not key.
+Which inputs are batched, their pad values, which outputs are cut back along which dim, and
+whether padding is sound at all are decided by :func:`~ascend_aclgraph.batch_layout.\
+layout_for_dynamo_graph` (the one rule shared with :func:`~ascend_aclgraph.capture`). In short:
+with dynamic shapes, the tensors whose ``dynamic_dim`` is the batch symbol, never parameters or
+buffers; a graph dynamo specialised to one size is captured at exactly that size. A graph whose
+rows see each other (a reduction or softmax over the batch, say) captures exact sizes only and
+runs other sizes eagerly, said once in the log with the op and the user's source line. Graphs
+with any other symbolic size run eagerly, with a warning: a captured graph cannot follow a size
+the descriptor does not key. State inputs (parameters, buffers, the caller's unbatched tensors)
+are captured by address; a call passing another tensor for one runs eagerly (said once).
 
 Python floats: with ``dynamic=True`` dynamo passes float attributes (an RMSNorm's ``eps``) as
 0-d tensors and reads them with ``.item()`` inside the graph, a host sync no device graph can
@@ -36,7 +40,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -44,113 +48,20 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ascend_aclgraph.backends import GraphBackend, GraphPool
 from ascend_aclgraph.batch_hint import current_uniform_decode
+from ascend_aclgraph.batch_layout import BatchLayout, layout_for_dynamo_graph
 from ascend_aclgraph.capture_sizes import CaptureSizes
 from ascend_aclgraph.compile_options import AclGraphCompileOptions
 from ascend_aclgraph.dispatcher import GraphDispatcher
 from ascend_aclgraph.graph_context import graph_context
-from ascend_aclgraph.modes import BatchDescriptor, GraphMode
+from ascend_aclgraph.modes import GraphMode
 from ascend_aclgraph.piecewise import PiecewiseGraph, sum_stats
-from ascend_aclgraph.static_inputs import StaticBatchInputs
+from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.wrapper import GraphOptions, GraphWrapper
 
 __all__ = ["CompiledGraphRunner"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Layout:
-    """Where the batch dim is in a compiled graph's inputs and outputs."""
-
-    dims: list[int | None] = field(default_factory=list)
-    size_slots: list[int] = field(default_factory=list)
-    # Per flat output: the dim to cut back along, or None.
-    output_dims: list[int | None] = field(default_factory=list)
-    # Per flat output: it is a SymInt equal to the batch size.
-    output_sizes: list[bool] = field(default_factory=list)
-    # Set for a graph specialised to one batch size.
-    static_size: int | None = None
-    unsupported: str | None = None
-
-
-def _symbol(value: Any) -> Any:
-    """The sympy expression of a symbolic size, or None for a concrete one."""
-    if isinstance(value, torch.SymInt):
-        expr = value.node.expr
-        return None if expr.is_number else expr
-    return None
-
-
-def _is_user_input(node: torch.fx.Node) -> bool:
-    from torch._dynamo.source import LocalSource
-
-    grapharg = node.meta.get("grapharg")
-    return grapharg is not None and isinstance(getattr(grapharg, "source", None), LocalSource)
-
-
-def _analyze(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], dim: int) -> _Layout:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    layout = _Layout(dims=[None] * len(example_inputs))
-    if len(placeholders) != len(example_inputs):
-        layout.unsupported = (
-            f"{len(placeholders)} graph inputs but {len(example_inputs)} example inputs"
-        )
-        return layout
-    values = [
-        n.meta.get("example_value", ex) for n, ex in zip(placeholders, example_inputs, strict=True)
-    ]
-    batch = None
-    for value in values:
-        if isinstance(value, torch.Tensor) and value.dim() > dim:
-            batch = _symbol(value.shape[dim])
-            if batch is not None:
-                break
-    if batch is None:
-        return _analyze_static(placeholders, example_inputs, dim, layout)
-    for i, value in enumerate(values):
-        if isinstance(value, torch.SymInt):
-            if _symbol(value) != batch:
-                layout.unsupported = f"input {i} is a symbolic size {value} other than the batch"
-                return layout
-            layout.size_slots.append(i)
-        elif isinstance(value, torch.Tensor):
-            for d, size in enumerate(value.shape):
-                sym = _symbol(size)
-                if sym is None:
-                    continue
-                if d != dim or sym != batch:
-                    layout.unsupported = (
-                        f"input {i} has symbolic size {size} at dim {d}; only dim {dim} may "
-                        f"vary, and only as the batch size {batch}"
-                    )
-                    return layout
-                layout.dims[i] = dim
-    for out in tree_flatten(gm.graph.output_node().args[0])[0]:
-        value = out.meta.get("example_value") if isinstance(out, torch.fx.Node) else out
-        is_batched = (
-            isinstance(value, torch.Tensor)
-            and value.dim() > dim
-            and _symbol(value.shape[dim]) == batch
-        )
-        layout.output_dims.append(dim if is_batched else None)
-        layout.output_sizes.append(isinstance(value, torch.SymInt) and _symbol(value) == batch)
-    return layout
-
-
-def _analyze_static(
-    placeholders: list[torch.fx.Node], example_inputs: Sequence[Any], dim: int, layout: _Layout
-) -> _Layout:
-    for i, (node, ex) in enumerate(zip(placeholders, example_inputs, strict=True)):
-        if not (isinstance(ex, torch.Tensor) and ex.dim() > dim and _is_user_input(node)):
-            continue
-        if layout.static_size is None:
-            layout.static_size = int(ex.shape[dim])
-        if ex.shape[dim] == layout.static_size:
-            layout.dims[i] = dim
-    if layout.static_size is None:
-        layout.unsupported = f"no input tensor of the caller has a dim {dim} to batch over"
-    return layout
 
 
 def _bake_item_inputs(
@@ -186,7 +97,11 @@ def _bake_item_inputs(
 
 
 class CompiledGraphRunner:
-    """The callable the ``aclgraph`` backend returns for one compiled graph (module docstring)."""
+    """The callable the ``aclgraph`` backend returns for one compiled graph (module docstring).
+
+    ``runnable`` is what gets captured and replayed (default: ``gm`` itself); npugraph_ex passes
+    its optimized callable here, so that one runner decides padding for both backends.
+    """
 
     def __init__(
         self,
@@ -196,24 +111,40 @@ class CompiledGraphRunner:
         *,
         backend: GraphBackend,
         pool: GraphPool,
+        runnable: Callable[..., Any] | None = None,
     ) -> None:
         self.gm = gm
+        self.eager_fn: Callable[..., Any] = runnable if runnable is not None else gm
         self.options = options
         self.mode = options.mode
-        self.layout = _analyze(gm, example_inputs, options.dynamic_dim)
         self.eager_calls = 0
         self.eager_fallbacks = 0
         self.piecewise: PiecewiseGraph | None = None
         self.full: GraphWrapper | None = None
         self.runnable: Callable[..., Any] | None = None
         self._lock = threading.Lock()
+        self._said: set[str] = set()
         self.baked: list[tuple[int, float | int | bool]] = []
         self._grad_inputs = any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
         )
-        sizes = self._sizes()
-        if sizes is None or self.mode is GraphMode.NONE:
+        layout, static_size, unsupported = layout_for_dynamo_graph(
+            gm, example_inputs, options.dynamic_dim, options.pad_values
+        )
+        self.layout: BatchLayout | None = layout
+        # Set for a graph dynamo specialised to one batch size (captured at exactly that size).
+        self.static_size = static_size
+        self.exact_sizes = False
+        sizes = self._sizes(layout, static_size, unsupported)
+        if sizes is None or self.mode is GraphMode.NONE or layout is None:
             return
+        self.exact_sizes = layout.exact_only and static_size is None
+        if self.exact_sizes:
+            logger.warning(
+                "aclgraph: padding could change real rows of this graph, so each captured "
+                "size serves only itself and other sizes run eagerly: %s",
+                layout.describe_exact(),
+            )
         self.dispatcher = GraphDispatcher(
             self.mode, sizes, max_num_seqs=min(options.max_uniform_batch, sizes.max_size)
         )
@@ -222,11 +153,18 @@ class CompiledGraphRunner:
             debug=options.debug,
             on_capture_failure=options.on_capture_failure,
         )
-        captured_gm, self.baked = _bake_item_inputs(gm, example_inputs)
-        inner: Callable[..., Any] = captured_gm
+        captured: Callable[..., Any] = self.eager_fn
+        if runnable is None:
+            captured_gm, self.baked = _bake_item_inputs(gm, example_inputs)
+            captured = captured_gm
+            for i, _ in self.baked:
+                layout.inputs[i] = replace(layout.inputs[i], role="baked")
+        inner: Callable[..., Any] = captured
         if self.mode.has_piecewise_graphs():
+            if not isinstance(captured, torch.fx.GraphModule):
+                raise TypeError("PIECEWISE graphs need an FX graph to split")
             self.piecewise = PiecewiseGraph(
-                captured_gm,
+                captured,
                 splitting_ops=options.splitting_ops,
                 backend=backend,
                 pool=pool,
@@ -240,28 +178,26 @@ class CompiledGraphRunner:
             inner = self.full
         self.runnable = inner
         self.inputs = StaticBatchInputs(
-            example_inputs,
-            self.layout.dims,
-            max_size=sizes.max_size,
-            device=backend.device,
-            pad_value=options.pad_value,
-            size_slots=self.layout.size_slots,
+            example_inputs, layout.inputs, max_size=sizes.max_size, device=backend.device
         )
+        self._cut = OutputCutter(layout.outputs)
 
-    def _sizes(self) -> CaptureSizes | None:
-        layout, sizes = self.layout, self.options.batch_sizes
-        if layout.unsupported is not None:
+    def _sizes(
+        self, layout: BatchLayout | None, static_size: int | None, unsupported: str | None
+    ) -> CaptureSizes | None:
+        sizes = self.options.batch_sizes
+        if unsupported is not None or layout is None:
             warnings.warn(
-                f"aclgraph: this compiled graph runs eagerly: {layout.unsupported}",
+                f"aclgraph: this compiled graph runs eagerly: {unsupported}",
                 RuntimeWarning,
                 stacklevel=2,
             )
             return None
-        if layout.static_size is None:
+        if static_size is None:
             return sizes
-        if layout.static_size > sizes.max_size or layout.static_size < 1:
+        if static_size > sizes.max_size or static_size < 1:
             return None  # every call would be above the largest capture size
-        return CaptureSizes([layout.static_size])
+        return CaptureSizes([static_size])
 
     def pools(self) -> list[GraphPool]:
         """Every pool this graph's wrappers capture into."""
@@ -280,6 +216,15 @@ class CompiledGraphRunner:
         total.eager_fallbacks = self.eager_fallbacks
         return total
 
+    def _say_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            logger.warning(message, *args)
+
+    def _eager(self, args: Sequence[Any]) -> Any:
+        self.eager_calls += 1
+        return self.eager_fn(*args)
+
     def __call__(self, *args: Any) -> Any:
         runnable = self.runnable
         if (
@@ -288,38 +233,40 @@ class CompiledGraphRunner:
             or any(args[i].item() != value for i, value in self.baked)
         ):
             # Graphs are for inference; autograd needs the eager graph.
-            self.eager_calls += 1
-            return self.gm(*args)
-        n = self.inputs.batch_size(args)
-        mode, descriptor = (
-            self.dispatcher.dispatch(n, uniform_decode=current_uniform_decode())
-            if n > 0
-            else (GraphMode.NONE, BatchDescriptor(n))
-        )
+            return self._eager(args)
+        inputs = self.inputs
+        n = inputs.batch_size(args)
+        if n <= 0:
+            return self._eager(args)
+        mode, descriptor = self.dispatcher.dispatch(n, uniform_decode=current_uniform_decode())
+        if mode is not GraphMode.NONE and self.exact_sizes and descriptor.num_tokens != n:
+            self._say_once(
+                "exact",
+                "aclgraph: batch size %d has no graph of its own and padding is off for this "
+                "graph; it runs eagerly (said once)",
+                n,
+            )
+            mode = GraphMode.NONE
         if mode is GraphMode.NONE:
-            self.eager_calls += 1
             if n > self.dispatcher.max_capture_size:
                 self.eager_fallbacks += 1
-            return self.gm(*args)
+            return self._eager(args)
+        moved = inputs.moved_state(args)
+        if moved is not None:
+            self._say_once("moved", "aclgraph: running eagerly: %s (said once)", moved)
+            return self._eager(args)
         size = descriptor.num_tokens
         with self._lock:
-            padded = self.inputs.copy_in(args, n, size)
+            inputs.check_host(args)
+            padded = inputs.copy_in(args, n, size)
             with graph_context(mode, descriptor):
                 out = runnable(*padded)
-            return self._cut_back(out, n)
+            inputs.copy_back(args, n)
+            return self._cut_back(out, n, size)
 
-    def _cut_back(self, out: Any, n: int) -> Any:
+    def _cut_back(self, out: Any, n: int, size: int) -> Any:
         flat, spec = tree_flatten(out)
-        layout, clone = self.layout, self.options.clone_outputs
-        result: list[Any] = []
-        for i, t in enumerate(flat):
-            if isinstance(t, torch.Tensor):
-                d = layout.output_dims[i] if i < len(layout.output_dims) else None
-                if d is not None:
-                    t = t.narrow(d, 0, n)
-                result.append(t.clone() if clone else t)
-            elif i < len(layout.output_sizes) and layout.output_sizes[i]:
-                result.append(n)
-            else:
-                result.append(t)
-        return tree_unflatten(result, spec)
+        flat = self._cut(flat, n, size)
+        if self.options.clone_outputs:
+            flat = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+        return tree_unflatten(flat, spec)

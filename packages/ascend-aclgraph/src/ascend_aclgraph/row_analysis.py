@@ -189,7 +189,7 @@ def user_location(node: fx.Node) -> str:
         if not line.startswith("File "):
             continue
         path = line.split('"')[1] if '"' in line else ""
-        if path.startswith((own, torch_dir)) or path.startswith("<"):
+        if path.startswith((own, torch_dir, "<")):
             continue
         code = lines[i + 1].strip() if i + 1 < len(lines) else ""
         parts = line.split(", ")
@@ -401,7 +401,7 @@ class _Analyzer:
         if name in _PERMUTING:
             return self.permute(node, target, batched[0][1], value)
         if name in ("aten::expand", "aten::expand_as", "aten::broadcast_to"):
-            (_, rows), = batched[:1]
+            ((_, rows),) = batched[:1]
             assert isinstance(rows, Rows)
             return Rows(rows.dim + value.dim() - _val(batched[0][0]).dim(), rows.factor)
         if name in ("aten::slice", "aten::narrow", "aten::select"):
@@ -414,8 +414,14 @@ class _Analyzer:
             return self.contraction(node, target, value)
         if "scaled_dot_product" in name or name.startswith("aten::_flash_attention"):
             return self.leading_dims(node, batched, value, name, trailing=2)
-        if name in ("aten::index", "aten::_unsafe_index", "aten::index_put", "aten::index_put_",
-                    "aten::_index_put_impl_", "aten::_unsafe_index_put"):
+        if name in (
+            "aten::index",
+            "aten::_unsafe_index",
+            "aten::index_put",
+            "aten::index_put_",
+            "aten::_index_put_impl_",
+            "aten::_unsafe_index_put",
+        ):
             return self.index(node, target, value)
         if name == "aten::embedding":
             return self.unique_rows(node, value)
@@ -469,9 +475,7 @@ class _Analyzer:
             return self.unique_rows(node, value)
         return Rows(order.index(rows.dim), rows.factor)
 
-    def reshape(
-        self, node: fx.Node, src: tuple[fx.Node, Annotation], value: Any
-    ) -> Annotation:
+    def reshape(self, node: fx.Node, src: tuple[fx.Node, Annotation], value: Any) -> Annotation:
         """Element order is kept: find where the batch-major block lands in the new shape."""
         n, rows = src
         assert isinstance(rows, Rows)
@@ -489,7 +493,8 @@ class _Analyzer:
             ):
                 return Rows(e, k)
         if len(in_shape) == len(out_shape) and all(
-            sympy.simplify(_expr(a) - _expr(b)) == 0 for a, b in zip(in_shape, out_shape)
+            sympy.simplify(_expr(a) - _expr(b)) == 0
+            for a, b in zip(in_shape, out_shape, strict=True)
         ):
             return rows
         return self.mixed(node, "reshapes the batch dim so that rows no longer stay whole")
@@ -563,14 +568,16 @@ class _Analyzer:
             # An unbatched tensor joined along another dim must not carry a batch extent.
             for t in tensors:
                 v = _val(t)
-                if isinstance(v, torch.Tensor) and self.ann.get(t) is None and v.dim() == ndim:
-                    if _batch_factor(v.shape[rows.dim], self.batch) is not None:
-                        return self.mixed(node, "joins a batch-sized tensor of unknown rows")
+                if (
+                    isinstance(v, torch.Tensor)
+                    and self.ann.get(t) is None
+                    and v.dim() == ndim
+                    and _batch_factor(v.shape[rows.dim], self.batch) is not None
+                ):
+                    return self.mixed(node, "joins a batch-sized tensor of unknown rows")
         return rows
 
-    def contraction(
-        self, node: fx.Node, target: torch._ops.OpOverload, value: Any
-    ) -> Annotation:
+    def contraction(self, node: fx.Node, target: torch._ops.OpOverload, value: Any) -> Annotation:
         """Matrix products: the batch may be a kept dim of one operand, never contracted."""
         bound = self.bound(node, target)
         name = target._schema.name
@@ -610,7 +617,7 @@ class _Analyzer:
     def leading_dims(
         self,
         node: fx.Node,
-        batched: list[tuple[fx.Node, Annotation]],
+        batched: Sequence[tuple[fx.Node, Annotation]],
         value: Any,
         name: str,
         *,
@@ -629,9 +636,7 @@ class _Analyzer:
         if len(positions) != 1:
             return self.mixed(node, "its inputs carry the batch in different dims")
         if isinstance(value, (list, tuple)):
-            return [
-                self.rows_of_value(v) if isinstance(v, torch.Tensor) else None for v in value
-            ]
+            return [self.rows_of_value(v) if isinstance(v, torch.Tensor) else None for v in value]
         return self.unique_rows(node, value)
 
     def index(self, node: fx.Node, target: torch._ops.OpOverload, value: Any) -> Annotation:
@@ -652,8 +657,12 @@ class _Analyzer:
         }
         if len(index_rows) > 1:
             return self.mixed(node, "its index tensors carry the batch in different dims")
-        if target._schema.name in ("aten::index_put_", "aten::index_put", "aten::_index_put_impl_",
-                                    "aten::_unsafe_index_put"):
+        if target._schema.name in (
+            "aten::index_put_",
+            "aten::index_put",
+            "aten::_index_put_impl_",
+            "aten::_unsafe_index_put",
+        ):
             # The result is `self`, written at the indexed positions.
             return base_rows if isinstance(base_rows, Rows) else None
         return self.unique_rows(node, value)
@@ -692,8 +701,9 @@ class _Analyzer:
                 )
         value = node.meta.get("val")
         if isinstance(value, (list, tuple)):
-            return [self.unique_rows(node, v) if isinstance(v, torch.Tensor) else None
-                    for v in value]
+            return [
+                self.unique_rows(node, v) if isinstance(v, torch.Tensor) else None for v in value
+            ]
         return self.unique_rows(node, value)
 
 

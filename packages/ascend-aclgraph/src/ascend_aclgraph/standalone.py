@@ -31,15 +31,15 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ascend_aclgraph import tasks
 from ascend_aclgraph.backends import GraphBackend, get_backend
+from ascend_aclgraph.batch_layout import BatchLayout, PadValues, layout_for_callable
 from ascend_aclgraph.capture_sizes import CaptureSizes
+from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.graph_capture import (
     CapturedGraph,
     CaptureFailures,
     FailurePolicy,
     capture_callable,
 )
-from ascend_aclgraph.batch_layout import BatchLayout, PadValues, layout_for_callable
-from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs, resolve_batch_dims
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.wrapper import update_graph_tasks
@@ -217,7 +217,6 @@ class CapturedCallable:
                 outs = [t.clone() if isinstance(t, torch.Tensor) else t for t in outs]
             assert entry.spec is not None
             return tree_unflatten(outs, entry.spec)
-
 
     def _run_eagerly_note(self, n: int, size: int | None) -> None:
         if size is not None:

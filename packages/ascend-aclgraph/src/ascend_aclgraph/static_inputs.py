@@ -240,8 +240,7 @@ class StaticBatchInputs:
         views = self._input_views.get(n)
         if views is None:
             views = self._input_views[n] = [
-                self.static[i].narrow(self.specs[i].dim, 0, n)  # type: ignore[arg-type]
-                for i in self._batched
+                self.static[i].narrow(self.specs[i].dim, 0, n) for i in self._batched
             ]
         return views
 
@@ -249,8 +248,7 @@ class StaticBatchInputs:
         views = self._pad_views.get((n, size))
         if views is None:
             views = self._pad_views[(n, size)] = [
-                self.static[i].narrow(self.specs[i].dim, n, size - n)  # type: ignore[arg-type]
-                for i in self._batched
+                self.static[i].narrow(self.specs[i].dim, n, size - n) for i in self._batched
             ]
         return views[k]
 

@@ -12,12 +12,19 @@ mixes requests, as vLLM's flattened batches do: token ``t`` belongs to the reque
 ``<= positions[t]`` of that row. So one batch can hold several prefill chunks and single-token
 decodes side by side. Everything is device-side tensor work with no host sync, so the step can
 be captured as one graph.
+
+Padding, as vLLM does it: a negative position means "no token here". Such a token writes its
+K/V to a padding sink (one slot past ``max_seq`` in every cache row, never read) instead of a real
+slot, the way vLLM's kernels skip slot -1, so padded rows of a graph never overwrite a request's
+cache. Pad batched inputs with :attr:`Qwen3Decoder.PAD_VALUES`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import cast
+from types import MappingProxyType
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +103,8 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
         self.q_norm = Qwen3RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = Qwen3RMSNorm(d, cfg.rms_norm_eps)
-        cache_shape = (cfg.max_batch, cfg.num_kv_heads, cfg.max_seq, d)
+        # One slot past max_seq per row is the padding sink (module docstring).
+        cache_shape = (cfg.max_batch, cfg.num_kv_heads, cfg.max_seq + 1, d)
         self.register_buffer("k_cache", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(cache_shape), persistent=False)
 
@@ -116,18 +124,23 @@ class Qwen3Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         rows = torch.arange(b, device=x.device) if seq_ids is None else seq_ids
+        # Padding tokens (negative positions) write the sink slot, never a real one.
+        slots = torch.where(positions >= 0, positions, cfg.max_seq)
         # Every token's K/V lands in the cache before attention, so tokens of one request in
         # this batch see each other; the mask below keeps it causal.
-        self.k_cache[rows, :, positions] = k
-        self.v_cache[rows, :, positions] = v
+        self.k_cache[rows, :, slots] = k
+        self.v_cache[rows, :, slots] = v
         if seq_ids is None:
-            keys = self.k_cache[:b]
-            values = self.v_cache[:b]
+            keys = self.k_cache[:b, :, : cfg.max_seq]
+            values = self.v_cache[:b, :, : cfg.max_seq]
         else:
             # Gather each token's own row: [tokens, kv_heads, max_seq, head_dim].
-            keys = self.k_cache[seq_ids]
-            values = self.v_cache[seq_ids]
-        visible = torch.arange(cfg.max_seq, device=x.device)[None, :] <= positions[:, None]
+            keys = self.k_cache[seq_ids, :, : cfg.max_seq]
+            values = self.v_cache[seq_ids, :, : cfg.max_seq]
+        # A padding token attends to slot 0 only, so that its softmax stays finite.
+        visible = (
+            torch.arange(cfg.max_seq, device=x.device)[None, :] <= positions.clamp(min=0)[:, None]
+        )
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :], enable_gqa=True
         )
@@ -175,6 +188,13 @@ class Qwen3Decoder(nn.Module):
     """A decode step of a Qwen3-shaped model over a per-row KV cache (module docstring)."""
 
     inv_freq: torch.Tensor
+
+    #: Pad values of the step's batched inputs (pass as ``capture(..., pad_value=...)``): padded
+    #: positions are -1, so padded tokens write the padding sink; padded seq_ids use the last
+    #: cache row, whose sink slot they write.
+    PAD_VALUES: ClassVar[Mapping[str, int]] = MappingProxyType(
+        {"tokens": 0, "positions": -1, "seq_ids": -1}
+    )
 
     def __init__(self, cfg: Qwen3Config, *, seed: int = 0) -> None:
         super().__init__()
@@ -231,15 +251,18 @@ class Qwen3Decoder(nn.Module):
             layer.self_attn.v_cache.zero_()
 
     def cache_state(self) -> list[torch.Tensor]:
-        """Clones of every KV cache (to compare eager and graph runs)."""
-        out = []
-        for layer in self.decoder_layers():
-            out += [layer.self_attn.k_cache.clone(), layer.self_attn.v_cache.clone()]
-        return out
+        """Clones of every KV cache's real slots (to compare eager and graph runs).
+
+        The padding sink is left out: it is scratch that only padding writes, never read.
+        """
+        return [cache[:, :, : self.cfg.max_seq].clone() for cache in self._caches()]
 
     def load_cache_state(self, state: list[torch.Tensor]) -> None:
+        for dst, src in zip(self._caches(), state, strict=True):
+            dst[:, :, : self.cfg.max_seq].copy_(src)
+
+    def _caches(self) -> list[torch.Tensor]:
         caches = []
         for layer in self.decoder_layers():
             caches += [layer.self_attn.k_cache, layer.self_attn.v_cache]
-        for dst, src in zip(caches, state, strict=True):
-            dst.copy_(src)
+        return caches

@@ -82,3 +82,50 @@ def test_fusion_report_and_pass_hash() -> None:
     assert pm.uuid() != nx.PassManager(("rms_norm",)).uuid()
     with pytest.raises(ValueError, match="unknown fusions"):
         nx.PassManager(("layer_norm",))
+
+
+class _Counter(torch.nn.Module):
+    """A step counter buffer next to a batched computation: module state the graph writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.weight = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps.add_(1)
+        return x @ self.weight
+
+
+def test_capture_mode_writes_module_buffers_not_private_copies() -> None:
+    """Buffers are module state: the captured graph must write the module's own tensors."""
+    torch._dynamo.reset()
+    module = _Counter().requires_grad_(False)
+    compiled = torch.compile(module, backend=nx.make_backend(capture_backend="cpu"), dynamic=False)
+    with torch.no_grad():
+        for step in range(1, 5):  # warm-up, capture, then replays
+            x = torch.randn(4, 8)
+            assert torch.equal(compiled(x), x @ module.weight)
+            assert int(module.steps) == step
+
+
+def test_capture_mode_decoder_with_kv_cache_matches_eager_every_step() -> None:
+    """The KV cache is a buffer: a private copy of it would drift from eager from step 2."""
+    testing = pytest.importorskip("ascend_aclgraph.testing", reason="needs ascend-aclgraph")
+    torch._dynamo.reset()
+    cfg = testing.Qwen3Config.small(num_layers=2, vocab_size=256, max_batch=4)
+    graph_model = testing.Qwen3Decoder(cfg, seed=0).eval()
+    eager_model = testing.Qwen3Decoder(cfg, seed=0).eval()
+    backend = nx.make_backend(capture_backend="cpu")
+    compiled = torch.compile(graph_model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        for pos in range(5):  # batch == max_batch: every KV row is a real request's
+            tokens = torch.randint(0, 256, (4,), generator=torch.Generator().manual_seed(pos))
+            positions = torch.full((4,), pos, dtype=torch.int64)
+            got = compiled(tokens, positions)
+            want = eager_model(tokens, positions)
+            # Fused kernels round differently from the unfused ops: a tolerance, not bitwise.
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for g, w in zip(graph_model.cache_state(), eager_model.cache_state(), strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert backend.reports[0].counts["add_rms_norm"] > 0

@@ -7,7 +7,8 @@ a backend callable for code that prefers ``backend=make_backend(force_eager=True
 
 Pipeline: dynamo graph → aot_autograd (aten level; the fusion passes run on the forward /
 inference graph) → optionally static kernels → either returned as is (``force_eager``) or
-captured by ``ascend_aclgraph.capture``.
+captured by ascend_aclgraph's compile runner (the same padding and state rules as the
+``aclgraph`` backend).
 """
 
 from __future__ import annotations
@@ -59,15 +60,21 @@ def _npu_static_kernel(
     return compiled
 
 
-def _param_like(t: object) -> bool:
-    return isinstance(t, torch.nn.Parameter)
-
-
 def _capture(
-    compiled: CompiledGraph, example_inputs: Sequence[Any], opts: NpugraphExOptions
+    gm: fx.GraphModule,
+    compiled: CompiledGraph,
+    example_inputs: Sequence[Any],
+    opts: NpugraphExOptions,
 ) -> CompiledGraph:
-    """Capture ``compiled`` (a static-shape graph) with ascend_aclgraph: reduce-overhead mode."""
+    """Capture ``compiled`` (a static-shape graph) with ascend_aclgraph: reduce-overhead mode.
+
+    The runner is ascend_aclgraph's own compile runner, so which inputs are batched (the
+    caller's tensors; never parameters or buffers, whose writes stay the module's), how outputs
+    are returned and when a call must run eagerly are decided by the one rule in
+    :mod:`ascend_aclgraph.batch_layout`, exactly as for ``backend="aclgraph"``.
+    """
     import ascend_aclgraph
+    from ascend_aclgraph.compile_runner import CompiledGraphRunner
 
     if any(isinstance(t, torch.SymInt) for t in example_inputs) or any(
         isinstance(t, torch.Tensor) and not all(isinstance(s, int) for s in t.shape)
@@ -78,29 +85,24 @@ def _capture(
             "graph); use torch.compile(..., dynamic=False), or force_eager=True and capture the "
             "result yourself"
         )
-    dim = opts.dynamic_dim
-    # Weights are graph inputs under dynamo's inlined nn.Modules: keep them out of the
-    # static-input copies (they do not change between steps), batch only activations.
-    dims: list[int | None] = [
-        dim if isinstance(t, torch.Tensor) and not _param_like(t) and t.dim() > dim else None
-        for t in example_inputs
-    ]
-    sizes = {t.shape[d] for t, d in zip(example_inputs, dims, strict=True) if d is not None}
-    if not sizes:
-        return compiled
-    batch = min(sizes) if len(sizes) > 1 else next(iter(sizes))
-    dims = [
-        d if d is not None and example_inputs[i].shape[d] == batch else None
-        for i, d in enumerate(dims)
-    ]
-    return ascend_aclgraph.capture(
-        compiled,
-        list(example_inputs),
-        batch_sizes=[batch],
-        dynamic_dim=dims,
-        backend=opts.capture_backend,
-        progress=False,
+    options = ascend_aclgraph.AclGraphCompileOptions.from_dict(
+        {
+            "mode": "FULL",
+            "backend": opts.capture_backend,
+            "dynamic_dim": opts.dynamic_dim,
+            **({"batch_sizes": list(opts.batch_sizes)} if opts.batch_sizes else {}),
+        }
     )
+    backend = ascend_aclgraph.get_backend(options.backend)
+    runner = CompiledGraphRunner(
+        gm,
+        example_inputs,
+        options,
+        backend=backend,
+        pool=backend.new_pool(),
+        runnable=compiled,
+    )
+    return runner
 
 
 def compile_graph(
@@ -127,7 +129,7 @@ def compile_graph(
         fw_compiler=fw_compiler,  # type: ignore[arg-type]  # a plain callable is accepted
     )
     if not opts.force_eager:
-        compiled = _capture(compiled, example_inputs, opts)
+        compiled = _capture(gm, compiled, example_inputs, opts)
     return compiled, manager
 
 

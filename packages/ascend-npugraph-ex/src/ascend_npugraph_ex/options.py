@@ -26,7 +26,7 @@ class NpugraphExOptions:
     Attributes:
         force_eager: optimize the FX graph and return it uncaptured (vLLM FULL /
             FULL_DECODE_ONLY, where ACLGraph captures the result). False: capture it with
-            ``ascend_aclgraph.capture`` (a standalone reduce-overhead mode).
+            ascend_aclgraph's compile runner (a standalone reduce-overhead mode).
         optimize: run the fusion passes at all (npugraph_ex's ``pattern_fusion_pass``).
         fuse_add_rms_norm, fuse_rms_norm, fuse_swiglu, fuse_rotary, fuse_qk_norm_rope: one switch
             per fusion. ``fuse_qk_norm_rope`` builds on the rms_norm and rotary fusions.

@@ -113,14 +113,19 @@ def _check_pad(value: Any, where: str) -> PadValue:
 
 
 def resolve_pad_values(
-    pad_value: PadValues, names: Sequence[str], *, strict: bool = True
+    pad_value: PadValues,
+    names: Sequence[str],
+    *,
+    strict: bool = True,
+    optional: Sequence[str] = (),
 ) -> list[PadValue]:
     """One pad value per input: a number for all, one per input, or a mapping by name/index.
 
     Inputs a mapping does not name are padded with 0. With ``strict``, a name that is not an
     input is an error (a typo would otherwise pad a slot mapping with 0 and write real KV
     slots); a compiled graph may legitimately lack an argument (``None``, or past a graph
-    break), so the compile path is not strict.
+    break), so the compile path is not strict. ``optional`` names parameters the caller did not
+    pass (a mapping may name them; they are simply not padded).
     """
     if pad_value is None or (
         isinstance(pad_value, (int, float)) and not isinstance(pad_value, bool)
@@ -133,7 +138,7 @@ def resolve_pad_values(
                 index = key
             elif isinstance(key, str) and key in names:
                 index = names.index(key)
-            elif not strict:
+            elif not strict or key in optional:
                 continue
             else:
                 raise GraphInputError(
@@ -156,13 +161,15 @@ def resolve_pad_values(
     )
 
 
-def _argument_names(fn: Callable[..., Any], count: int) -> list[str]:
+def _argument_names(fn: Callable[..., Any], count: int) -> tuple[list[str], list[str]]:
+    """Names of the ``count`` positional arguments passed, and of the parameters not passed."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
     try:
-        params = list(inspect.signature(fn).parameters.values())
+        params = list(inspect.signature(target).parameters.values())
     except (TypeError, ValueError):
-        return [""] * count
+        return [""] * count, []
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return (names + [""] * count)[:count]
+    return (names + [""] * count)[:count], names[count:]
 
 
 # --- tracing with a symbolic batch ----------------------------------------------------------
@@ -240,8 +247,8 @@ def layout_for_callable(
     are never batched, whatever ``dims`` says. Tracing runs ``fn`` once on fake tensors whose
     batch dims share one symbol; if that fails, the layout is exact-size only, with the reason.
     """
-    names = _argument_names(fn, len(sample_args))
-    pads = resolve_pad_values(pad_value, names)
+    names, not_passed = _argument_names(fn, len(sample_args))
+    pads = resolve_pad_values(pad_value, names, optional=not_passed)
     inputs: list[InputSpec] = []
     for i, (arg, dim) in enumerate(zip(sample_args, dims, strict=True)):
         if dim is not None and isinstance(arg, torch.Tensor):

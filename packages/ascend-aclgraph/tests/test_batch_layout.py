@@ -45,7 +45,8 @@ def test_concatenation_along_the_batch_is_captured_at_exact_sizes_only(
     with caplog.at_level(logging.WARNING, logger="ascend_aclgraph"):
         step = ag.capture(f, (torch.randn(8, 2),), batch_sizes=[4, 8])
     assert step.exact_sizes
-    assert "aten::cat" in caplog.text and "test_batch_layout.py" in caplog.text
+    assert "aten::cat" in caplog.text
+    assert "test_batch_layout.py" in caplog.text
     x = torch.randn(5, 2)
     out = step(x)  # no graph of size 5: eager, never 16 rows of interleaved padding
     assert out.shape == (10, 2)

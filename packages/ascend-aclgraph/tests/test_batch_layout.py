@@ -266,3 +266,59 @@ def test_row_analysis_tracks_flattened_batches() -> None:
     (out,) = layout.outputs
     assert (out.kind, out.dim, out.factor) == ("batched", 1, 3)
     assert Rows(1, 3) == Rows(out.dim, out.factor)
+
+
+def test_compiled_in_place_write_of_a_batched_input_reaches_the_caller() -> None:
+    torch._dynamo.reset()
+    proj = torch.nn.Linear(3, 3)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return proj(x)
+
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=[4, 8], num_warmups=0)
+    compiled = torch.compile(f, backend=compiler)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n in (3, 5, 6, 3):
+            x = torch.randn(n, 3, generator=gen)
+            torch._dynamo.mark_dynamic(x, 0)
+            expected_x = x * 2
+            out = compiled(x)
+            assert torch.equal(x, expected_x)
+            torch.testing.assert_close(out, proj(expected_x), rtol=1e-6, atol=1e-6)
+    assert compiler.stats.replays >= 1
+
+
+def test_compiled_state_tensor_at_a_new_address_runs_eagerly_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch._dynamo.reset()
+    proj = torch.nn.Linear(3, 3)
+
+    def f(x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        state.add_(1)
+        return proj(x) + state
+
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=[4], num_warmups=0)
+    compiled = torch.compile(f, backend=compiler)
+
+    def batch(n: int) -> torch.Tensor:
+        x = torch.randn(n, 3)
+        torch._dynamo.mark_dynamic(x, 0)  # only the batch dim varies
+        return x
+
+    state = torch.zeros(3)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="ascend_aclgraph"):
+        compiled(batch(3), state)  # captured with this state
+        compiled(batch(3), state)  # replayed
+        assert compiler.stats.replays == 1
+        assert torch.equal(state, torch.full((3,), 2.0))
+        other = torch.zeros(3)
+        for _ in range(2):
+            x = batch(3)
+            expected = proj(x) + other + 1
+            torch.testing.assert_close(compiled(x, other), expected)
+        assert torch.equal(other, torch.full((3,), 2.0))  # written, as eagerly
+        assert torch.equal(state, torch.full((3,), 2.0))  # the captured one left alone
+    assert caplog.text.count("must keep their address") == 1

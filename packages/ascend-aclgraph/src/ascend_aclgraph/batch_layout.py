@@ -247,7 +247,7 @@ def layout_for_callable(
     are never batched, whatever ``dims`` says. Tracing runs ``fn`` once on fake tensors whose
     batch dims share one symbol; if that fails, the layout is exact-size only, with the reason.
     """
-    names, not_passed = _argument_names(fn, len(sample_args))
+    names, not_passed = _argument_names(_original(fn), len(sample_args))
     pads = resolve_pad_values(pad_value, names, optional=not_passed)
     inputs: list[InputSpec] = []
     for i, (arg, dim) in enumerate(zip(sample_args, dims, strict=True)):
@@ -261,7 +261,22 @@ def layout_for_callable(
         for i, is_state in enumerate(state):
             if is_state and inputs[i].role == "batched":
                 inputs[i] = InputSpec("state", None, None, name=names[i])
-    return _analyze(fn, sample_args, inputs)
+    return _analyze(_original(fn), sample_args, inputs)
+
+
+def _original(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The function under a ``torch.compile`` wrapper (FX cannot trace a dynamo-optimized one).
+
+    Compiling never changes which rows an output depends on, so the original function's trace
+    decides the layout of the compiled one too.
+    """
+    orig = getattr(fn, "_orig_mod", None)  # torch.compile(module)
+    if isinstance(orig, torch.nn.Module):
+        return orig
+    from torch._dynamo.eval_frame import innermost_fn
+
+    inner: Callable[..., Any] = innermost_fn(fn)
+    return inner
 
 
 def _analyze(

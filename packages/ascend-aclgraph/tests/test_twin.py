@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ascend_aclgraph as ag
 import pytest
 import torch
@@ -38,6 +40,46 @@ def test_constants_are_folded_and_mutated_factories_rerun() -> None:
     graph.replay()  # zeros re-runs each replay, so acc does not accumulate across replays
     assert torch.equal(a, torch.ones(4) + torch.arange(4) * 2)
     assert torch.equal(acc, torch.ones(4))
+
+
+def _ramp_doubled_after_use(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    c = torch.arange(x.shape[-1])
+    y = x + c  # reads the ramp ...
+    c.mul_(2)  # ... which changes afterwards
+    return y, x * c
+
+
+def _mask_trimmed_after_use(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    mask = torch.ones(x.shape[-1], x.shape[-1])
+    full = x @ mask  # reads the full mask ...
+    mask.tril_()  # ... before it becomes causal
+    return full, x @ mask
+
+
+def _chain_of_mutated_constants(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    a = torch.arange(x.shape[-1], dtype=x.dtype)
+    b = a * 2  # folded: a constant computed from a constant
+    y = x + b  # reads b as 2a
+    b.add_(1)  # b is then rebuilt, which reads a: a must still be arange here
+    a.mul_(3)
+    return y, x * b, x - a
+
+
+@pytest.mark.parametrize(
+    "fn", [_ramp_doubled_after_use, _mask_trimmed_after_use, _chain_of_mutated_constants]
+)
+def test_constants_mutated_after_a_read_replay_the_value_read(
+    fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+) -> None:
+    """A folded constant holds its final value; an op that read it before a later in-place
+    change must see the earlier one, on every replay."""
+    x = torch.randn(3, 5)
+    graph, outs = _capture(fn, x)
+    for _ in range(3):
+        x.copy_(torch.randn(3, 5))
+        graph.replay()
+        for got, expected in zip(outs, fn(x), strict=True):
+            assert torch.equal(got, expected)
 
 
 def test_random_ops_redraw_each_replay_like_eager_under_the_same_seed() -> None:

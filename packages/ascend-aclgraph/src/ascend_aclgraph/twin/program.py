@@ -6,7 +6,9 @@ Three analyses run once, at the end of a capture:
    KV caches: anything not created during capture), reads a dynamic storage, draws random
    numbers, or is an updatable task. Views only alias memory and never re-run. Ops that built a
    constant (say ``arange`` for a mask) are folded, unless a dynamic op later writes into what
-   they built; then they re-run too, since a replay must start from the same state as capture.
+   they built, or any op writes it after a re-run op read it (``mask.tril_()`` after a dynamic
+   op used the full mask); then they re-run too, so that each replayed op reads the value it
+   read at capture.
 2. **Untracked writes.** A storage made by ``empty`` that no recorded op ever writes, yet is
    read, was filled by code that bypassed the dispatcher (e.g. inductor-generated C++). The
    twin cannot replay that, so it refuses instead of returning captured values forever.
@@ -106,11 +108,47 @@ def _select_replayed(records: Sequence[OpRecord], internal: dict[int, Any]) -> l
         if is_dynamic:
             dynamic_recs.add(i)
             dynamic_keys |= _write_keys(rec)
-    return [
-        rec
+    writers: dict[int, list[int]] = {}  # storage -> positions of the ops writing it, in order
+    for i, rec in enumerate(records):
+        if _needs_compute(rec):
+            for key in _write_keys(rec):
+                writers.setdefault(key, []).append(i)
+    replayed = {
+        i
         for i, rec in enumerate(records)
         if _needs_compute(rec) and (i in dynamic_recs or _write_keys(rec) & dynamic_keys)
-    ]
+    }
+    _rebuild_mutated_constants(records, internal, writers, replayed)
+    return [records[i] for i in sorted(replayed)]
+
+
+def _rebuild_mutated_constants(
+    records: Sequence[OpRecord],
+    internal: dict[int, Any],
+    writers: dict[int, list[int]],
+    replayed: set[int],
+) -> None:
+    """Add to ``replayed`` the ops that rebuild constants a replayed op reads before they change.
+
+    A folded storage holds its value as of the end of capture. That is what a replayed op read
+    only if no op wrote the storage after the read: with ``c = arange(n); y = x + c; c.mul_(2)``,
+    ``y`` must see ``arange(n)``, not its double. So such a storage is re-created each replay
+    by re-running every op that writes it, in capture order, which gives each reader the value
+    it had at capture. Those ops read storages in turn, so this runs to a fixed point. External
+    storages (inputs, weights, caches) are the caller's; replay mutates them as capture did.
+    """
+    rebuilt: set[int] = set()
+    pending = sorted(replayed)
+    while pending:
+        i = pending.pop()
+        for key in map(storage_key, records[i].read_tensors()):
+            if key in rebuilt or key not in internal or writers.get(key, [-1])[-1] <= i:
+                continue
+            rebuilt.add(key)
+            for j in writers[key]:
+                if j not in replayed:
+                    replayed.add(j)
+                    pending.append(j)
 
 
 def _check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.Tensor]) -> None:

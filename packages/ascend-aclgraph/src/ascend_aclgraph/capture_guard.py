@@ -2,13 +2,16 @@
 
 A device graph records device work only. Anything that needs the host to see tensor *data*
 during capture (``.item()``, ``if tensor:``, ``.tolist()``, ``nonzero``, boolean-mask indexing)
-either breaks the capture on a device or, worse, bakes one step's data into every replay. The
-checks here run on every backend, so the CPU twin fails exactly where an NPU would.
+either breaks the capture on a device or, worse, bakes one step's data into every replay.
+Reseeding the generators (``torch.manual_seed``) is host state a graph does not record either.
+The checks here run on every backend, so the CPU twin fails exactly where an NPU would. They
+apply to the capturing thread only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import traceback
@@ -95,46 +98,106 @@ def check_capturable(
         )
 
 
-_method_patch_lock = threading.Lock()
-_method_patch_depth = 0
-_REFUSED_METHODS = ("tolist", "numpy")
+# Host-side entry points that read tensor data or reseed the generators without going through
+# the dispatcher, so no dispatch mode sees them: (owner, attribute, why it cannot be captured).
+# ``np.asarray(t)`` reaches ``Tensor.numpy`` through ``Tensor.__array__``; ``torch.manual_seed`` and
+# ``torch.random.manual_seed`` are one function, shadowed under both names.
+_HOST_SYNC = "it copies tensor data to the host (host sync). Move it out of the captured region."
+_RESEED = (
+    "it reseeds the random generators, host-side state that a device graph does not record "
+    "(CUDA refuses it during capture): random ops in the graph draw from the generator as it "
+    "is at each replay. Seed before capturing (or before each replay) instead."
+)
+_REFUSED_HOST_CALLS: tuple[tuple[Any, str, str, str], ...] = (
+    (torch.Tensor, "tolist", "Tensor.tolist", _HOST_SYNC),
+    (torch.Tensor, "numpy", "Tensor.numpy", _HOST_SYNC),
+    (torch, "manual_seed", "torch.manual_seed", _RESEED),
+    (torch.random, "manual_seed", "torch.manual_seed", _RESEED),
+    (torch, "seed", "torch.seed", _RESEED),
+    (torch.random, "seed", "torch.seed", _RESEED),
+)
+
+# How many captures this thread is inside. The shadows below are process-wide (they live on
+# torch.Tensor and the torch module), but they refuse only where this is non-zero: another
+# thread, say one serving eagerly while this one captures, keeps its .tolist() and manual_seed.
+_this_thread = threading.local()
+_shadow_lock = threading.Lock()
+_shadow_users = 0
+# (owner, attribute, original, shadow, whether the owner itself held the original)
+_installed: list[tuple[Any, str, Any, Any, bool]] = []
 
 
-def _refusing(method: str) -> Callable[..., Any]:
-    def refuse(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        raise CaptureError(
-            f"cannot capture Tensor.{method}() at {user_frame()}: it copies tensor data to the "
-            "host (host sync). Move it out of the captured region."
-        )
+def _capturing_here() -> bool:
+    return bool(getattr(_this_thread, "depth", 0))
 
-    refuse.__name__ = method
-    return refuse
+
+def _refusing(label: str, why: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def shadow(*args: Any, **kwargs: Any) -> Any:
+        if _capturing_here():
+            raise CaptureError(f"cannot capture {label}() at {user_frame()}: {why}")
+        return original(*args, **kwargs)
+
+    return shadow
+
+
+def _install_shadows() -> None:
+    # torch._dynamo, when first imported, replaces torch.manual_seed by a wrapper around it. An
+    # import during a capture (the first call of a custom op does it) would wrap the shadow,
+    # which could then never be removed; importing it first makes it wrap the real function.
+    import torch._dynamo  # noqa: F401
+
+    # One shadow per original function, so torch.manual_seed stays torch.random.manual_seed.
+    shadows: dict[int, Callable[..., Any]] = {}
+    for owner, name, label, why in _REFUSED_HOST_CALLS:
+        original = getattr(owner, name)
+        shadow = shadows.setdefault(id(original), _refusing(label, why, original))
+        _installed.append((owner, name, original, shadow, name in vars(owner)))
+        setattr(owner, name, shadow)
+
+
+def _remove_shadows() -> None:
+    for owner, name, original, shadow, owned in reversed(_installed):
+        if getattr(owner, name) is not shadow:
+            continue  # someone replaced it since; theirs stays (ours passes calls through)
+        if owned:
+            setattr(owner, name, original)
+        else:
+            # torch.Tensor inherits tolist/numpy from torch._C.TensorBase: deleting the shadow
+            # uncovers the original.
+            delattr(owner, name)
+    _installed.clear()
 
 
 @contextlib.contextmanager
 def host_sync_methods_refused() -> Iterator[None]:
-    """Make ``Tensor.tolist()`` / ``Tensor.numpy()`` raise :class:`CaptureError`.
+    """Within the block, this thread's host syncs and reseeds outside the dispatcher raise.
 
-    These two read data without going through the dispatcher, so no dispatch mode sees them.
-    They are shadowed on ``torch.Tensor`` for the duration of a capture; nested and concurrent
-    captures share one patch, removed when the last capture ends.
+    ``Tensor.tolist()`` / ``Tensor.numpy()`` read data, and ``torch.manual_seed`` /
+    ``torch.seed`` reseed the generators, without going through the dispatcher, so no dispatch
+    mode sees them; each raises :class:`CaptureError` naming the caller's file:line. They are
+    shadowed while any thread captures (one shared shadow, removed when the last capture
+    ends), and the shadows refuse only in threads that are capturing.
+
+    A ``TorchFunctionMode`` would be thread-local by itself, but it does not see calls made
+    inside ``__torch_function__`` handlers or inside a custom op's Python body (the mode is off
+    while the op runs), and a ``.tolist()`` on host lengths inside an attention op is exactly
+    what must be refused.
     """
-    global _method_patch_depth
-    with _method_patch_lock:
-        if _method_patch_depth == 0:
-            for method in _REFUSED_METHODS:
-                setattr(torch.Tensor, method, _refusing(method))
-        _method_patch_depth += 1
+    global _shadow_users
+    with _shadow_lock:
+        if _shadow_users == 0:
+            _install_shadows()
+        _shadow_users += 1
+    _this_thread.depth = getattr(_this_thread, "depth", 0) + 1
     try:
         yield
     finally:
-        with _method_patch_lock:
-            _method_patch_depth -= 1
-            if _method_patch_depth == 0:
-                for method in _REFUSED_METHODS:
-                    # torch.Tensor inherits both from torch._C.TensorBase; deleting the shadow
-                    # restores the original method.
-                    delattr(torch.Tensor, method)
+        _this_thread.depth -= 1
+        with _shadow_lock:
+            _shadow_users -= 1
+            if _shadow_users == 0:
+                _remove_shadows()
 
 
 class CaptureGuardMode(TorchDispatchMode):  # type: ignore[no-untyped-call]

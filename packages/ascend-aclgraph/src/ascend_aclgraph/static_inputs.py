@@ -17,6 +17,7 @@ Which input is which is decided once, by :mod:`ascend_aclgraph.batch_layout`.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,6 +104,9 @@ class StaticBatchInputs:
         self._state = [i for i, s in enumerate(self.specs) if s.role == "state"]
         self._host = [i for i, s in enumerate(self.specs) if s.role == "host"]
         self._written = [i for i in self._batched if self.specs[i].written]
+        # A compiled model lifts every parameter and buffer to an input: checking that they are
+        # the captured objects must not be a Python loop per call.
+        self._state_args = operator.itemgetter(*self._state) if self._state else None
         self.static: list[Any] = []
         for arg, spec in zip(sample_args, self.specs, strict=True):
             if spec.role != "batched":
@@ -117,6 +121,7 @@ class StaticBatchInputs:
             n = min(arg.shape[spec.dim], max_size)
             buf.narrow(spec.dim, 0, n).copy_(arg.narrow(spec.dim, 0, n))
             self.static.append(buf)
+        self._state_static = [self.static[i] for i in self._state]
         # Views per size, made once: slicing costs as much as a small kernel launch and these
         # are on every call's path; graphs also need the *same* view objects each replay.
         self._args: dict[int, tuple[Any, ...]] = {}
@@ -174,6 +179,14 @@ class StaticBatchInputs:
         State tensors are captured by address; the graph reads and writes them there. A tensor
         at another address would be neither read nor written by a replay.
         """
+        get = self._state_args
+        if get is None:
+            return None
+        got = get(args)
+        if len(self._state) == 1:
+            got = (got,)
+        if all(map(operator.is_, got, self._state_static)):
+            return None
         for i in self._state:
             arg, static = args[i], self.static[i]
             if arg is static:

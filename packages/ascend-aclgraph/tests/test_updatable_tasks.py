@@ -3,6 +3,9 @@
 The attention-like op below takes per-request key lengths as a host ``int[]``, like
 ``npu_fused_infer_attention_score``'s ``actual_seq_lengths_kv``. A replay without an update
 attends over the lengths of the captured step (wrong); with the update it is right.
+
+Every op used as a task writes a preallocated output (a mutable schema), as an NPU task update
+requires (it re-issues the op into the captured buffer); the twin refuses functional ones.
 """
 
 from __future__ import annotations
@@ -14,15 +17,35 @@ from aclgraph_helpers import assert_same, rand
 from ascend_aclgraph.backends import GraphBackend
 
 
+@torch.library.custom_op("aclgraph_test::length_attention_out", mutates_args=("out",))
+def length_attention_out(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], out: torch.Tensor
+) -> None:
+    """q, out: [B, D]; k, v: [B, S, D]; request b attends to its first seq_lens[b] keys."""
+    for b, n in enumerate(seq_lens):  # host loop over host lengths: why it must be "updatable"
+        scores = (k[b, :n] @ q[b]) / q.shape[-1] ** 0.5
+        out[b] = torch.softmax(scores, -1) @ v[b, :n]
+
+
+@torch.library.custom_op("aclgraph_test::length_attention_dev_out", mutates_args=("out",))
+def length_attention_dev_out(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Device-buffer variant: lengths in a device tensor, read by the kernel (CUDA's way)."""
+    positions = torch.arange(k.shape[1], device=k.device)
+    mask = positions[None, :] < seq_lens[:, None]
+    scores = torch.einsum("bsd,bd->bs", k, q) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out.copy_(torch.einsum("bs,bsd->bd", torch.softmax(scores, -1), v))
+
+
 @torch.library.custom_op("aclgraph_test::length_attention", mutates_args=())
 def length_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]
 ) -> torch.Tensor:
-    """q: [B, D]; k, v: [B, S, D]; request b attends to its first seq_lens[b] keys."""
+    """The functional form: fine in eager code, refused as an updatable task."""
     out = torch.empty_like(q)
-    for b, n in enumerate(seq_lens):  # host loop over host lengths: why it must be "updatable"
-        scores = (k[b, :n] @ q[b]) / q.shape[-1] ** 0.5
-        out[b] = torch.softmax(scores, -1) @ v[b, :n]
+    length_attention_out(q, k, v, seq_lens, out)
     return out
 
 
@@ -31,21 +54,7 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) ->
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("aclgraph_test::length_attention_dev", mutates_args=())
-def length_attention_dev(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor
-) -> torch.Tensor:
-    """Device-buffer variant: lengths in a device tensor, read by the kernel (CUDA's way)."""
-    positions = torch.arange(k.shape[1], device=k.device)
-    mask = positions[None, :] < seq_lens[:, None]
-    scores = torch.einsum("bsd,bd->bs", k, q) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bs,bsd->bd", torch.softmax(scores, -1), v)
-
-
-@length_attention_dev.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(q)
+ATTENTION = torch.ops.aclgraph_test.length_attention_out.default
 
 
 def _reference(q, k, v, lens):  # type: ignore[no-untyped-def]
@@ -54,9 +63,9 @@ def _reference(q, k, v, lens):  # type: ignore[no-untyped-def]
 
 def _model(q, k, v, lens):  # type: ignore[no-untyped-def]
     h = q * 2.0
-    return (
-        ag.updatable(torch.ops.aclgraph_test.length_attention.default, h, k, v, seq_lens=lens) + 1
-    )
+    out = torch.empty_like(h)
+    ag.updatable(ATTENTION, h, k, v, seq_lens=lens, out=out)
+    return out + 1
 
 
 def test_host_lengths_need_the_update_on_the_twin() -> None:
@@ -81,6 +90,53 @@ def test_host_lengths_need_the_update_on_the_twin() -> None:
     assert graph.tasks[0].current("seq_lens") == new_lens
 
 
+def test_a_python_custom_op_task_is_one_op_whose_body_replays_with_the_new_arguments() -> None:
+    """The twin records inside Python custom ops, except an updatable task: it stays the one
+    op that a device task update re-issues, and its body runs with the rewritten lengths."""
+    backend = ag.get_backend("cpu")
+    q, k, v = rand(backend, 2, 8), rand(backend, 2, 6, 8), rand(backend, 2, 6, 8)
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        out = torch.empty_like(q)
+        ag.updatable(ATTENTION, q, k, v, seq_lens=[1, 1], out=out)
+        graph.declare_outputs([out])
+    record = graph.tasks[0].handle
+    assert record.func is ATTENTION
+    assert record.updatable
+    source = graph.native.program.source
+    assert source.count("_task") == 2, source  # one call: f(*_taskN.args, **_taskN.kwargs)
+    assert "softmax" not in source  # its body is not unrolled into the graph
+    for lens in ([6, 2], [3, 5], [2, 6]):
+        graph.tasks[0].update(seq_lens=lens)
+        q.copy_(rand(backend, 2, 8))
+        graph.replay()
+        assert torch.equal(out, _reference(q, k, v, lens))
+
+
+@torch.library.custom_op("aclgraph_test::prefix_sums_out", mutates_args=("out",))
+def prefix_sums_out(x: torch.Tensor, lens: list[int], out: torch.Tensor) -> torch.Tensor:
+    """Writes each row's sum over its first lens[b] entries; also returns a new tensor."""
+    for b, n in enumerate(lens):
+        out[b] = x[b, :n].sum()
+    return out * 2
+
+
+def test_a_task_that_also_returns_a_new_tensor_updates_it_too() -> None:
+    backend = ag.get_backend("cpu")
+    x = rand(backend, 2, 5)
+    op = torch.ops.aclgraph_test.prefix_sums_out.default
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        out = torch.empty(2)
+        doubled = ag.updatable(op, x, [1, 1], out)
+        graph.declare_outputs([out, doubled])
+    graph.tasks[0].update(lens=[5, 3])
+    graph.replay()
+    expected = torch.stack([x[0].sum(), x[1, :3].sum()])
+    assert torch.equal(out, expected)
+    assert torch.equal(doubled, expected * 2)
+
+
 def test_update_validates_names_lengths_and_kinds() -> None:
     backend = ag.get_backend("cpu")
     q, k, v = rand(backend, 2, 4), rand(backend, 2, 5, 4), rand(backend, 2, 5, 4)
@@ -96,27 +152,95 @@ def test_update_validates_names_lengths_and_kinds() -> None:
         task.update(seq_lens=torch.tensor([1, 2]))
 
 
-def test_updatable_op_must_be_one_operator() -> None:
+def test_a_functional_op_is_refused_as_a_task_as_on_the_npu() -> None:
+    """A task update re-issues the op into the captured buffers: an op that allocates its
+    output cannot be one, so the twin refuses it with the npu backend's rule."""
     backend = ag.get_backend("cpu")
+    q, k, v = rand(backend, 2, 4), rand(backend, 2, 5, 4), rand(backend, 2, 5, 4)
+    functional = torch.ops.aclgraph_test.length_attention.default
+    for op, got in ((functional, "length_attention"), (lambda x: (x + 1) * 2, "no schema")):
+
+        def model(op=op):  # type: ignore[no-untyped-def]
+            return ag.updatable(op, q, k, v, seq_lens=[1, 2])
+
+        line = model.__code__.co_firstlineno + 1
+        graph = backend.new_graph(backend.new_pool())
+        with (
+            pytest.raises(
+                ag.CaptureError,
+                match=rf"test_updatable_tasks\.py:{line} .*must write preallocated outputs.*"
+                rf"\.out overload.*mutable schema.*{got}",
+            ),
+            backend.capture(graph),
+        ):
+            model()
+        assert not graph.captured
+
+
+_LIB = torch.library.Library("aclgraph_test", "FRAGMENT")  # type: ignore[no-untyped-call]
+_LIB.define("scale_into(Tensor x, float s, Tensor(a!) out) -> ()")  # type: ignore[no-untyped-call]
+
+
+def _scale_into(x: torch.Tensor, s: float, out: torch.Tensor) -> None:
+    out.copy_(x * s)
+
+
+# A composite: it decomposes before any dispatch mode sees it, so no single task exists.
+_LIB.impl("scale_into", _scale_into, "CompositeImplicitAutograd")  # type: ignore[no-untyped-call]
+
+
+def test_updatable_op_must_reach_the_dispatcher_as_one_operator() -> None:
+    backend = ag.get_backend("cpu")
+    x = rand(backend, 3)
     graph = backend.new_graph(backend.new_pool())
-    with pytest.raises(ag.CaptureError, match="single operator"), backend.capture(graph):
-        ag.updatable(lambda x: (x + 1) * 2, rand(backend, 3))
+    with (
+        pytest.raises(ag.CaptureError, match=r"single operator.*decomposes"),
+        backend.capture(graph),
+    ):
+        ag.updatable(torch.ops.aclgraph_test.scale_into.default, x, 2.0, torch.empty(3))
+
+
+def _lengths_from_tensor_out(x: torch.Tensor, lens: torch.Tensor, out: torch.Tensor) -> None:
+    n = int(lens.max())  # a host sync: the kernel needs the lengths on the host
+    out.copy_(x[:, :n].sum(-1))
+
+
+torch.library.custom_op("aclgraph_test::lengths_from_tensor_out", mutates_args=("out",))(
+    _lengths_from_tensor_out
+)
+
+
+def test_the_body_of_an_updatable_python_op_is_checked_at_capture() -> None:
+    backend = ag.get_backend("cpu")
+    x, lens = rand(backend, 2, 6), torch.tensor([3, 5])
+    graph = backend.new_graph(backend.new_pool())
+    line = _lengths_from_tensor_out.__code__.co_firstlineno + 1
+    with (
+        pytest.raises(ag.CaptureError, match=rf"test_updatable_tasks\.py:{line} .*host sync"),
+        backend.capture(graph),
+    ):
+        ag.updatable(
+            torch.ops.aclgraph_test.lengths_from_tensor_out.default, x, lens, torch.empty(2)
+        )
 
 
 def test_device_buffer_update_works_on_every_backend(backend: GraphBackend) -> None:
     q, k, v = rand(backend, 3, 8), rand(backend, 3, 10, 8), rand(backend, 3, 10, 8)
     lens = torch.tensor([2, 3, 4], device=backend.device)
-    op = torch.ops.aclgraph_test.length_attention_dev.default
+    op = torch.ops.aclgraph_test.length_attention_dev_out.default
     graph = backend.new_graph(backend.new_pool())
     with backend.capture(graph):
-        out = ag.updatable(op, q, k, v, lens)
+        out = torch.empty_like(q)
+        ag.updatable(op, q, k, v, lens, out)
         graph.declare_outputs([out])
     graph.replay()
     task = graph.tasks[0]
     new = torch.tensor([9, 1, 6], device=backend.device)
     task.update(seq_lens=new)  # a tensor argument: copied into the captured buffer
     graph.replay()
-    assert_same(out, op(q, k, v, new), backend)
+    expected = torch.empty_like(q)
+    op(q, k, v, new, expected)
+    assert_same(out, expected, backend)
     assert torch.allclose(out.cpu(), _reference(q, k, v, [9, 1, 6]), atol=1e-5)
 
 

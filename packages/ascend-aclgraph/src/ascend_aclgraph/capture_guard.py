@@ -27,6 +27,7 @@ __all__ = [
     "CaptureGuardMode",
     "capture_refusal",
     "check_capturable",
+    "check_updatable_op",
     "host_sync_methods_refused",
     "user_frame",
 ]
@@ -44,6 +45,29 @@ _MASK_INDEXED_OPS = {
     "aten::_index_put_impl_",
 }
 _BOOL_DTYPES = (torch.bool, torch.uint8)
+# Ops returning a host value computed from tensor *metadata* only. They reach a dispatch mode
+# where autograd keys are excluded (inside a custom op's body, under inference_mode), since
+# they are composites that otherwise decompose before it.
+_METADATA_OPS = {
+    "aten::result_type",
+    "aten::is_same_size",
+    "aten::is_floating_point",
+    "aten::is_complex",
+    "aten::is_signed",
+    "aten::is_conj",
+    "aten::is_neg",
+    "aten::_is_zerotensor",
+    "aten::is_inference",
+    "aten::size",
+    "aten::stride",
+    "aten::dim",
+    "aten::numel",
+    "aten::sym_size",
+    "aten::sym_stride",
+    "aten::sym_numel",
+    "aten::sym_storage_offset",
+    "aten::is_contiguous",
+}
 
 
 def user_frame(extra_skip: Sequence[str] = ()) -> str:
@@ -55,6 +79,14 @@ def user_frame(extra_skip: Sequence[str] = ()) -> str:
             continue
         return f"{name}:{frame.lineno} (in {frame.name})"
     return "<unknown location>"
+
+
+def _takes_a_tensor(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    return any(
+        isinstance(v, torch.Tensor)
+        or (isinstance(v, (list, tuple)) and any(isinstance(i, torch.Tensor) for i in v))
+        for v in (*args, *kwargs.values())
+    )
 
 
 def _has_mask_index(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
@@ -80,6 +112,10 @@ def capture_refusal(
         if name == "aten::repeat_interleave" and kwargs.get("output_size") is not None:
             return None
         return "its output shape depends on tensor data (a host sync on a device)"
+    if name in _METADATA_OPS or not _takes_a_tensor(args, kwargs):
+        # A host result from dtypes, shapes or flags, or from no tensor at all
+        # (torch.promote_types): a device graph has those at capture too.
+        return None
     for ret in func._schema.returns:
         if not isinstance(ret.type, (torch.TensorType, torch.ListType, torch.OptionalType)):
             return f"it returns a host value ({ret.type}) computed from tensor data (host sync)"
@@ -198,6 +234,29 @@ def host_sync_methods_refused() -> Iterator[None]:
             _shadow_users -= 1
             if _shadow_users == 0:
                 _remove_shadows()
+
+
+def check_updatable_op(op: Callable[..., Any], task: str, backend: str) -> None:
+    """Raise :class:`CaptureError` unless ``op`` can be an updatable task on an NPU.
+
+    A task update re-issues the captured op, with new host arguments, into the buffers the graph
+    captured; so the op must write preallocated outputs: an ``.out`` overload or an op whose
+    schema marks what it writes (``Tensor(a!)``; a ``torch.library.custom_op`` with
+    ``mutates_args``). A functional op allocates its output at each launch, and the graph would
+    keep reading the captured one. The cpu twin applies the same rule as the npu backend, so a
+    model that runs on the twin runs on an NPU. ``task`` names the task in the message.
+    """
+    schema = getattr(op, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return
+    got = f"{op}, schema {schema}" if schema is not None else f"{op!r}, which has no schema"
+    raise CaptureError(
+        f"{task} at {user_frame()}: on the {backend} backend an updatable op must write "
+        "preallocated outputs: call its .out overload (e.g. npu_fused_infer_attention_score.out "
+        "with a workspace) or an op with a mutable schema (a torch.library.custom_op with "
+        "mutates_args=...), because a task update re-issues it into the captured outputs; "
+        f"got {got}"
+    )
 
 
 class CaptureGuardMode(TorchDispatchMode):  # type: ignore[no-untyped-call]

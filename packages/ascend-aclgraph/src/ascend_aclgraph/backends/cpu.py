@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
+from ascend_aclgraph.capture_guard import check_updatable_op
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.tasks import UpdatableTask
 from ascend_aclgraph.twin.program import TwinPool, TwinProgram, build_program
@@ -130,15 +131,18 @@ class CpuTwinBackend(GraphBackend):
         recorder = task.graph.native.recorder
         if recorder is None:
             raise CaptureError("updatable op outside an active cpu-twin capture")
+        check_updatable_op(op, task.describe(), self.name)
         before = len(recorder.records)
         recorder.expect_updatable()
         result = op(*args, **kwargs)
         recorded = recorder.records[before:]
-        if len(recorded) != 1:
+        if len(recorded) != 1 or recorded[0].func is not op:
+            names = ", ".join(str(rec.func) for rec in recorded) or "none"
             raise CaptureError(
-                f"{task.describe()} dispatched {len(recorded)} operators; an updatable op must be "
-                "a single operator (an aten op or a torch.library custom op), since that operator "
-                "is the task whose arguments get rewritten"
+                f"{task.describe()} dispatched {len(recorded)} operator(s) ({names}); an "
+                "updatable op must reach the dispatcher as itself, a single operator (an aten op "
+                "or a torch.library custom op, not a composite that decomposes), since that "
+                "operator is the task whose arguments get rewritten"
             )
         task.handle = recorded[0]
         return result

@@ -27,7 +27,8 @@ import torch
 
 from ascend_aclgraph.backends.base import Graph
 from ascend_aclgraph.backends.device import DeviceGraphBackend
-from ascend_aclgraph.errors import BackendUnavailableError, CaptureError
+from ascend_aclgraph.capture_guard import check_updatable_op
+from ascend_aclgraph.errors import BackendUnavailableError
 from ascend_aclgraph.tasks import UpdatableTask
 
 __all__ = ["NpuGraphBackend", "npu_available"]
@@ -101,13 +102,7 @@ class NpuGraphBackend(DeviceGraphBackend):
         args: Sequence[Any],
         kwargs: dict[str, Any],
     ) -> Any:
-        schema = getattr(op, "_schema", None)
-        if schema is None or not schema.is_mutable:
-            raise CaptureError(
-                f"{task.describe()}: on the npu backend an updatable op must write preallocated "
-                "outputs (call its .out overload, e.g. npu_fused_infer_attention_score.out with "
-                "a workspace), because a task update re-issues it into the captured outputs"
-            )
+        check_updatable_op(op, task.describe(), self.name)
         npu = self._npu
         stream = npu.current_stream()
         event = npu.ExternalEvent()

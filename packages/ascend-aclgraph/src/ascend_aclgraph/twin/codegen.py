@@ -154,6 +154,14 @@ def _entry(func: torch._ops.OpOverload, rec: OpRecord) -> Callable[..., Any]:
     return func._op if rec.updatable else fast_binding(func, rec.args, rec.kwargs)
 
 
+def _copy_fresh(body: list[str], namer: _Namer, copy: str, rec: OpRecord) -> None:
+    """Copy the op's new tensors (result ``_r``) into the outputs captured for them."""
+    paths = rec.extra["result_paths"]
+    for i in rec.fresh:
+        target = namer.bind(rec.outputs[i], "t")
+        body.append(f"    {copy}({target}, {_result_accessor(paths, i)})")
+
+
 def generate_replay(records: Sequence[OpRecord]) -> tuple[Callable[[], None], str]:
     """Compile ``records`` into a function that re-runs them in order; also return its source."""
     namer = _Namer()
@@ -168,9 +176,15 @@ def generate_replay(records: Sequence[OpRecord]) -> tuple[Callable[[], None], st
         else:
             call_args = _call_args(namer, rec.args, rec.kwargs)
         if rec.written or not rec.fresh:
-            # In-place and out= ops write their arguments: replay them exactly as called.
+            # In-place and out= ops write their arguments: replay them exactly as called. One
+            # that also returns new tensors (a custom op with mutates_args, say) has those
+            # copied into the captured outputs, like a functional op without an out= overload.
             fn = namer.bind(_entry(func, rec), "op")
-            body.append(f"    {fn}({', '.join(call_args)})")
+            if not rec.fresh:
+                body.append(f"    {fn}({', '.join(call_args)})")
+                continue
+            body.append(f"    _r = {fn}({', '.join(call_args)})")
+            _copy_fresh(body, namer, copy, rec)
             continue
         out_func = find_out_overload(func)
         if out_func is not None and len(rec.fresh) == len(rec.outputs):
@@ -187,10 +201,7 @@ def generate_replay(records: Sequence[OpRecord]) -> tuple[Callable[[], None], st
             continue
         fn = namer.bind(_entry(func, rec), "op")
         body.append(f"    _r = {fn}({', '.join(call_args)})")
-        paths = rec.extra["result_paths"]
-        for i in rec.fresh:
-            target = namer.bind(rec.outputs[i], "t")
-            body.append(f"    {copy}({target}, {_result_accessor(paths, i)})")
+        _copy_fresh(body, namer, copy, rec)
     if not body:
         body.append("    pass")
     # Replays are inference: out= ops refuse to run under grad mode when a weight requires grad.

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.capture_guard import check_capturable, user_frame
 from ascend_aclgraph.errors import CaptureError
+from ascend_aclgraph.twin.python_body import has_python_body
 
 __all__ = ["OpRecord", "Recorder", "iter_tensors", "storage_key"]
 
@@ -90,11 +91,21 @@ def _written_args(
     return written
 
 
+# Where a Python-bodied custom op's body runs: the twin captures CPU tensors only.
+_CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
 class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Run every op for real and keep an :class:`OpRecord` of it.
 
     Ops are refused (``CaptureError``) when they read tensor data on the host or produce
     data-dependent shapes, since a device graph cannot contain them.
+
+    Custom ops with a Python body (see :mod:`.python_body`) are not recorded themselves: their
+    body runs with the recorder active, so the ops it calls are checked and recorded, and host
+    values it reads (globals, a forward context) are baked in as a device graph bakes them. An
+    updatable task is the exception: it stays one recorded op, whose body replays with the
+    task's current arguments, as a device task update re-issues the op.
     """
 
     def __init__(self) -> None:
@@ -103,6 +114,8 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         # Storages created by recorded ops (everything else is external: inputs, weights, caches).
         self.internal: dict[int, torch.UntypedStorage] = {}
         self._next_updatable = False
+        # Non-zero while the body of an updatable task runs: its ops are checked, not recorded.
+        self._checking_only = 0
 
     def expect_updatable(self) -> None:
         """Mark the next recorded op as an updatable task."""
@@ -116,6 +129,11 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        updatable = self._next_updatable
+        self._next_updatable = False
+        python_body = has_python_body(func)
+        if python_body and not updatable:
+            return self._run_body(func, args, kwargs)
         check_capturable(func, args, kwargs)
         for t in iter_tensors(args):
             if t.layout is not torch.strided:
@@ -123,8 +141,36 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
                     f"cannot capture {func} at {user_frame()}: the cpu twin records strided "
                     f"tensors only, got layout {t.layout}"
                 )
+        if self._checking_only:
+            return func(*args, **kwargs)
+        if not python_body:
+            return self._record(func, args, kwargs, updatable=updatable, run_body=False)
+        self._checking_only += 1
+        try:
+            return self._record(func, args, kwargs, updatable=True, run_body=True)
+        finally:
+            self._checking_only -= 1
+
+    def _run_body(
+        self, func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # Straight to the CPU kernel, below this mode, with this mode pushed again: the ops the
+        # Python body calls dispatch back here. (Calling ``func`` with the mode popped, as for
+        # any other op, would run the body unseen.)
+        with self:
+            return func.redispatch(_CPU_KERNEL, *args, **kwargs)
+
+    def _record(
+        self,
+        func: torch._ops.OpOverload,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        updatable: bool,
+        run_body: bool,
+    ) -> Any:
         input_keys = {storage_key(t) for t in iter_tensors((args, kwargs))}
-        result = func(*args, **kwargs)
+        result = self._run_body(func, args, kwargs) if run_body else func(*args, **kwargs)
         outputs = list(iter_tensors(result))
         fresh: list[int] = []
         for i, out in enumerate(outputs):
@@ -132,8 +178,6 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if key not in input_keys and key not in self.internal:
                 self.internal[key] = out.untyped_storage()
                 fresh.append(i)
-        updatable = self._next_updatable
-        self._next_updatable = False
         self.records.append(
             OpRecord(
                 func=func,

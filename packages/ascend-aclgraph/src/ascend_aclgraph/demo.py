@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.zeros(max(sizes), dtype=torch.long, device=backend.device),
         torch.zeros(max(sizes), dtype=torch.long, device=backend.device),
     )
-    graph_step = ag.capture(model, sample, batch_sizes=sizes, backend=backend)
+    # Padded requests get position -1: their K/V go to the cache's sink slot, never a real one.
+    graph_step = ag.capture(
+        model, sample, batch_sizes=sizes, backend=backend, pad_value=Qwen3Decoder.PAD_VALUES
+    )
     stats = graph_step.stats
     print(
         f"captured {stats.captures} graphs for batch sizes {list(graph_step.sizes)} in "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ascend_aclgraph.backends.base import Graph, GraphBackend, GraphPool
 from ascend_aclgraph.errors import CaptureError
@@ -23,6 +23,7 @@ __all__ = [
     "capture_callable",
     "check_failure_policy",
     "weak_ref_tensor",
+    "weak_ref_tensors",
 ]
 
 FailurePolicy = Literal["raise", "eager"]
@@ -81,7 +82,9 @@ logger = logging.getLogger(__name__)
 @dataclass
 class CapturedGraph:
     graph: Graph
-    # What the callable returned at capture; replays write into these same tensors.
+    # What the callable returned at capture; replays write into these same tensors. Strong
+    # references: whoever keeps this keeps the outputs' memory from the pool's later captures.
+    # Runners keep weak_ref_tensors(outputs) instead, as vLLM does.
     outputs: Any
     seconds: float
 
@@ -116,7 +119,8 @@ def weak_ref_tensor(t: torch.Tensor) -> torch.Tensor:
     """A tensor viewing ``t``'s memory without keeping it alive (vLLM's weak_ref_tensors).
 
     Holding graph outputs this way lets the pool's allocator reuse their memory for the next
-    capture; the outputs stay valid as long as the pool does.
+    capture: such a view reads what the last replay wrote there, so it is valid until the next
+    replay of another graph of the pool, and never after the pool is gone.
     """
     storage = t.untyped_storage()
     weak = torch._C._construct_storage_from_data_pointer(
@@ -125,3 +129,8 @@ def weak_ref_tensor(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((0,), dtype=t.dtype, device=t.device).set_(
         weak, t.storage_offset(), t.size(), t.stride()
     )
+
+
+def weak_ref_tensors(value: Any) -> Any:
+    """``value`` with every tensor in it replaced by :func:`weak_ref_tensor` of it."""
+    return tree_map(lambda x: weak_ref_tensor(x) if isinstance(x, torch.Tensor) else x, value)

@@ -8,25 +8,37 @@ splitting ops stay plain submodules and run eagerly between them. Under a PIECEW
 descriptor; under any other runtime mode the pieces pass through, which is how a FULL wrapper
 around the whole split graph captures everything at once (FULL_AND_PIECEWISE).
 
-Piece ``k + 1`` reads piece ``k``'s outputs. That is safe in one shared pool on every backend:
-a graph's outputs stay allocated while they are held (on the twin, their blocks are pinned), so
-no later capture places its work on them.
+Piece ``k + 1`` reads piece ``k``'s outputs, and nothing keeps those once a forward is over
+(vLLM's piecewise backend does the same): outputs are held weakly, so the memory of every
+size's pieces is one working set in the shared pool. That is safe on every backend. While one
+descriptor is captured, each piece's outputs stay alive until the forward finishes, so no
+capture of that forward places work on them; afterwards other descriptors' captures may take
+that memory, and since a descriptor's pieces always replay in order, each piece writes its
+outputs just before the next one reads them. The last piece drops its outputs at capture
+already (vLLM's ``weak_ref_output``, set for the last graph only), as nothing after it is
+captured in that forward.
 
 One thing vLLM gets from its model runner and attention ops we do here: a piece after an eager
 op receives a *fresh* tensor each step (``scaled_dot_product_attention`` returns a new one),
 while its graph reads the address it saw at capture. Each piece therefore keeps the arguments it
 was captured with and copies any argument that arrives at another address into them (vLLM's
-``cudagraph_copy_inputs``), so eager attention output reaches the graph.
+``cudagraph_copy_inputs``), so eager attention output reaches the graph. Outputs of earlier
+pieces among those arguments are kept (and captured) through non-owning views: a strong
+reference from here would keep them in the pool for good.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from ascend_aclgraph.backends import GraphBackend, GraphPool
+from ascend_aclgraph.graph_capture import weak_ref_tensor
 from ascend_aclgraph.graph_context import current_graph_context
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
 from ascend_aclgraph.splitting import SplitItem, SplittingOps, SplittingOpSpec, split_graph
@@ -36,11 +48,27 @@ from ascend_aclgraph.wrapper import GraphOptions, GraphWrapper
 __all__ = ["PieceRunner", "PiecewiseGraph", "sum_stats"]
 
 
+class _PieceOutputs:
+    """The tensors pieces of one split graph returned from a capture, while they are alive."""
+
+    def __init__(self) -> None:
+        self._by_id: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+    def add(self, value: Any) -> None:
+        for t in tree_flatten(value)[0]:
+            if isinstance(t, torch.Tensor):
+                self._by_id[id(t)] = t
+
+    def __contains__(self, t: object) -> bool:
+        return self._by_id.get(id(t)) is t
+
+
 class PieceRunner:
     """One captured piece: a PIECEWISE :class:`GraphWrapper` plus its static arguments."""
 
-    def __init__(self, wrapper: GraphWrapper) -> None:
+    def __init__(self, wrapper: GraphWrapper, piece_outputs: _PieceOutputs | None = None) -> None:
         self.wrapper = wrapper
+        self._piece_outputs = piece_outputs if piece_outputs is not None else _PieceOutputs()
         self._captured_args: dict[BatchDescriptor, tuple[Any, ...]] = {}
 
     def __call__(self, *args: Any) -> Any:
@@ -58,11 +86,16 @@ class PieceRunner:
                 ):
                     kept.copy_(arg)
             return self.wrapper(*static)
-        out = self.wrapper(*args)
+        # Earlier pieces' outputs live in the pool, which keeps their memory: the graph reads
+        # them through views that do not hold them, as a device graph reads raw addresses.
+        # Everything else (eager attention outputs, the caller's buffers) is held from here,
+        # which keeps the storages the graph reads alive.
+        static = tuple(weak_ref_tensor(a) if a in self._piece_outputs else a for a in args)
+        out = self.wrapper(*static)
         entry = self.wrapper.entries.get(descriptor)
-        if entry is not None and entry.captured is not None:
-            # Holding the capture-time arguments keeps the storages the graph reads alive.
-            self._captured_args[descriptor] = args
+        if entry is not None and entry.graph is not None:
+            self._captured_args[descriptor] = static
+            self._piece_outputs.add(out)
         return out
 
 
@@ -88,6 +121,8 @@ class PiecewiseGraph:
 
     Calling it runs the split graph; whether pieces replay depends on the current
     :func:`~ascend_aclgraph.graph_context` (see the module docstring). ``gm`` is not modified.
+    ``options.weak_ref_outputs`` is set per piece, as vLLM does: only the last piece drops its
+    outputs at capture, since the others are read by the next piece.
     """
 
     def __init__(
@@ -101,17 +136,21 @@ class PiecewiseGraph:
     ) -> None:
         self.split_module, self.items = split_graph(gm, splitting_ops)
         self.pieces: list[PieceRunner] = []
-        for item in self.items:
-            if item.is_splitting:
-                continue
+        captured_items = [item for item in self.items if not item.is_splitting]
+        piece_outputs = _PieceOutputs()
+        for item in captured_items:
+            piece_options = dataclasses.replace(
+                options or GraphOptions(), weak_ref_outputs=item is captured_items[-1]
+            )
             piece = PieceRunner(
                 GraphWrapper(
                     item.module,
                     GraphMode.PIECEWISE,
                     backend=backend,
                     pool=pool,
-                    options=options,
-                )
+                    options=piece_options,
+                ),
+                piece_outputs,
             )
             # The split module's forward looks pieces up as attributes; an instance attribute
             # shadows the registered submodule without nn.Module's type check (as vLLM does).

@@ -8,8 +8,14 @@ The device-generic counterpart of vLLM's ``CUDAGraphWrapper`` and vllm-ascend's
    runtime mode is NONE, or differs from the wrapper's, the runnable runs eagerly: that is how
    a FULL wrapper around the whole model and PIECEWISE wrappers around its pieces nest.
 3. The first ``num_warmups`` calls for a new descriptor run eagerly (lazy initialisation,
-   autotuning, allocator warm-up), then the next call captures a graph for it.
-4. Later calls replay that graph and return the captured outputs.
+   autotuning, allocator warm-up), then the next call captures a graph for it and returns its
+   real outputs.
+4. Later calls replay that graph and return the captured outputs as non-owning views.
+
+Outputs live as on a device, and as vLLM holds them: the entry keeps only non-owning views
+(``weak_ref_tensors``), so once the caller drops what a capture returned, the pool may give that
+memory to later captures, and a replayed output is valid until the next replay of another graph
+of the pool. That is what lets graphs of every size share one pool's memory.
 
 The wrapper owns no input buffers: the caller keeps persistent inputs and passes the same
 tensors each step (padded to the descriptor's size). A different tensor on a device would read
@@ -25,17 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from ascend_aclgraph.backends import Graph, GraphBackend, GraphPool, get_backend
 from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.graph_capture import (
-    CapturedGraph,
     CaptureFailures,
     FailurePolicy,
     capture_callable,
     check_failure_policy,
-    weak_ref_tensor,
+    weak_ref_tensors,
 )
 from ascend_aclgraph.graph_context import current_graph_context
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
@@ -51,7 +56,10 @@ class GraphOptions:
     """How a :class:`GraphWrapper` captures and replays."""
 
     num_warmups: int = 1
-    # Keep outputs as non-owning views into the pool (vLLM's weak_ref_output).
+    # vLLM's weak_ref_output: the capture call, too, returns non-owning views, so the pool may
+    # reuse the outputs' memory for the very next capture. Only safe when nothing reads them
+    # across another capture (vLLM sets it for the last piece of a piecewise graph only).
+    # Replays always return non-owning views.
     weak_ref_outputs: bool = False
     # Check that each replay gets the tensors that were captured (costs one pass over inputs).
     debug: bool = False
@@ -72,7 +80,8 @@ class GraphOptions:
 class GraphEntry:
     descriptor: BatchDescriptor
     warmups_done: int = 0
-    captured: CapturedGraph | None = None
+    graph: Graph | None = None
+    # Non-owning views of the captured outputs: the entry never keeps their memory alive.
     output: Any = None
     input_addresses: list[int] = field(default_factory=list)
     # Capture failed under on_capture_failure="eager": this descriptor always runs eagerly.
@@ -131,7 +140,7 @@ class GraphWrapper:
                 entry = self.entries[ctx.descriptor] = GraphEntry(ctx.descriptor)
             if entry.eager:
                 return self.runnable(*args, **kwargs)
-            if entry.captured is None:
+            if entry.graph is None:
                 if entry.warmups_done < self.options.num_warmups:
                     entry.warmups_done += 1
                     return self.runnable(*args, **kwargs)
@@ -144,7 +153,7 @@ class GraphWrapper:
                         f"{entry.input_addresses} but is replayed with {addresses}: copy new data "
                         "into the captured input tensors instead of passing new tensors"
                     )
-            entry.captured.graph.replay()
+            entry.graph.replay()
             self.stats.replays += 1
             return entry.output
 
@@ -155,18 +164,20 @@ class GraphWrapper:
             self._failures.handle(exc, str(entry.descriptor))
             entry.eager = True
             return self.runnable(*args, **kwargs)
-        entry.captured = captured
-        entry.input_addresses = _tensor_addresses(args, kwargs)
         output = captured.outputs
         if self.options.weak_ref_outputs:
-            output = tree_map(
-                lambda x: weak_ref_tensor(x) if isinstance(x, torch.Tensor) else x, output
-            )
-        entry.output = output
+            # Nothing holds the strong outputs once this returns: the next capture may reuse
+            # their memory.
+            output = weak_ref_tensors(output)
+        entry.output = weak_ref_tensors(output)
+        entry.graph = captured.graph
+        entry.input_addresses = _tensor_addresses(args, kwargs)
         self.stats.record_capture(entry.descriptor.num_tokens, captured.seconds)
         self.stats.pool_bytes = self.pool.nbytes
         logger.debug("captured %s in %.3fs", entry.descriptor, captured.seconds)
-        return captured.outputs
+        # Unless weak_ref_outputs, the real outputs: while the caller holds them (the next piece
+        # of a piecewise graph reads them during this forward), no capture takes their memory.
+        return output
 
     def update_tasks(self, descriptor: BatchDescriptor, **changes: Any) -> int:
         """Stage ``changes`` for every updatable task of ``descriptor``'s graph.
@@ -176,9 +187,9 @@ class GraphWrapper:
         without such an argument are skipped).
         """
         entry = self.entries.get(descriptor)
-        if entry is None or entry.captured is None:
+        if entry is None or entry.graph is None:
             return 0
-        return update_graph_tasks(entry.captured.graph, changes)
+        return update_graph_tasks(entry.graph, changes)
 
 
 def update_graph_tasks(graph: Graph, changes: Mapping[str, Any]) -> int:

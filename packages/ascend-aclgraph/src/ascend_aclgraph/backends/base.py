@@ -12,8 +12,10 @@ them on the same storages). They share one contract:
   captured as an :class:`~ascend_aclgraph.tasks.UpdatableTask`, whose changes are applied by
   :meth:`Graph.replay` in the order the device needs;
 * all graphs captured into one :class:`GraphPool` share its memory, so at most one of them is
-  replayed at a time. A graph's outputs are never placed where a later capture puts its work,
-  so they survive other graphs' replays; a graph's *temporaries* are reused by later captures.
+  replayed at a time. A graph's temporaries are reused by later captures, and so is the memory
+  of its outputs once nothing references them: runners hold outputs through non-owning views,
+  as vLLM does, so graphs of every size share one working set. An output is valid until the
+  next replay of another graph of the pool; holding it keeps later captures off its memory.
 """
 
 from __future__ import annotations

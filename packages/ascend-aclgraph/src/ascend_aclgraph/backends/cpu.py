@@ -44,6 +44,7 @@ class TwinGraph:
     def __init__(self) -> None:
         self.recorder: Recorder | None = None
         self.program: TwinProgram | None = None
+        # Declared outputs, kept only until the program is built (see _capture).
         self.outputs: list[torch.Tensor] | None = None
 
     def replay(self) -> None:
@@ -98,6 +99,9 @@ class CpuTwinBackend(GraphBackend):
             native.outputs,
             keep_alive=[task.args for task in graph.tasks] + [task.kwargs for task in graph.tasks],
         )
+        # The program replays into the outputs' memory without holding them; keeping them here
+        # would keep their pool blocks from ever being reused.
+        native.outputs = None
         pool.graphs_own_bytes += native.program.own_bytes
 
     def declare_outputs(self, graph: Graph, outputs: Sequence[torch.Tensor]) -> None:

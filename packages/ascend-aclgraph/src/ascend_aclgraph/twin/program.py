@@ -15,7 +15,12 @@ Three analyses run once, at the end of a capture:
 3. **Memory.** Storages that only live inside one replay are packed into the pool's blocks by
    lifetime, as a device caching allocator would inside a graph pool; graphs of one pool share
    the blocks, and capturing the largest graph first lets the smaller ones fit in its blocks.
-   A storage that something outside the graph still holds keeps its own memory.
+   The graph's outputs go into blocks too, on storages of their own that view the block, while
+   the program replays through private views of it (a device graph holds raw addresses, not
+   tensors). So once nothing outside the twin views an output, its storage dies and a later
+   capture may reuse the block, as a device allocator reuses a freed output block: outputs are
+   valid until the next replay of another graph of the pool. A storage that something outside
+   the graph still holds (a temporary the model kept) keeps its own memory.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.twin.codegen import generate_replay
@@ -48,14 +54,16 @@ class TwinPool:
     """Byte blocks shared by the graphs of one pool (never replayed concurrently).
 
     As in a device graph pool, memory a graph used for temporaries is free for later captures,
-    while memory holding a graph's outputs is not: those blocks are pinned once the graph is
-    planned, since its caller keeps reading the outputs (piece ``k + 1`` of a piecewise model
-    reads piece ``k``'s).
+    and memory holding its outputs is free once nothing references them any more (a device
+    allocator takes an output's block back when its last tensor goes). While some tensor views
+    an output (the next piece of a piecewise model reading it during the same forward, a caller
+    keeping it), its block is held and no later capture places work there.
     """
 
     def __init__(self) -> None:
         self.blocks: list[torch.UntypedStorage] = []
-        self.pinned: set[int] = set()
+        # Per block: weak references to the output storages placed in it.
+        self._outputs: dict[int, list[StorageWeakRef]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +73,28 @@ class TwinPool:
         size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
         self.blocks.append(torch.empty(size, dtype=torch.uint8).untyped_storage())
         return len(self.blocks) - 1
+
+    def output_storage(self, block: int, nbytes: int) -> torch.UntypedStorage:
+        """A storage for an output placed at the start of ``block``, held while it lives.
+
+        It is a slice of the block: a storage object of its own (so a weak reference to it tells
+        when no tensor views the output any more) over the block's memory, which it keeps
+        alive, so an output a caller holds stays readable even after the pool is gone.
+        """
+        storage: torch.UntypedStorage = self.blocks[block][0:nbytes]
+        self._outputs.setdefault(block, []).append(StorageWeakRef(storage))  # type: ignore[no-untyped-call]
+        return storage
+
+    def held_blocks(self) -> set[int]:
+        """Blocks holding outputs that some tensor still views."""
+        held: set[int] = set()
+        for block, refs in list(self._outputs.items()):
+            refs[:] = [r for r in refs if not r.expired()]  # type: ignore[no-untyped-call]
+            if refs:
+                held.add(block)
+            else:
+                del self._outputs[block]
+        return held
 
 
 @dataclass
@@ -204,20 +234,24 @@ def _possibly_held(
     """Keys of candidate storages with a tensor that something besides the twin may reference.
 
     A Python refcount above what the twin's own containers explain means another holder: a
-    module attribute, a caller's variable. C++ owners (a view's base, say) can raise it too, so
-    this errs on the side of "held", which only costs memory: such a storage keeps its own
-    memory instead of sharing pool blocks. It never misses a Python holder, which would let a
-    later replay overwrite a tensor someone still reads.
+    module attribute, a caller's variable. A tensor that C++ also owns holds one more reference
+    to its Python object (PyObject preservation); when that owner is one of the twin's own views
+    (its ``_base``), the twin explains it. Other C++ owners are not told apart, so this errs on
+    the side of "held", which only costs memory: such a storage keeps its own memory instead of
+    sharing pool blocks. It never misses a Python holder, which would let a later replay
+    overwrite a tensor someone still reads.
     """
     if sys.version_info >= (3, 14):
         # 3.14 may hold stack references without counting them (deferred reference counting),
         # so a refcount no longer proves that nothing else holds a tensor: keep everything.
         return set(candidates)
+    viewed = {id(t._base) for ts in tensors_by_key.values() for t in ts if t._base is not None}
     held: set[int] = set()
     for key in candidates:
         objects = tensors_by_key[key]
         for t in objects:
-            if sys.getrefcount(t) - ours[id(t)] - _CHECK_REFS > 0:
+            explained = ours[id(t)] + _CHECK_REFS + (id(t) in viewed)
+            if sys.getrefcount(t) - explained > 0:
                 held.add(key)
                 break
     return held
@@ -296,6 +330,7 @@ def _plan_and_rebind(
     # Storages that no replayed op touches (written only by folded ops) keep their memory.
     order = sorted((k for k in planned if k in first), key=lambda k: (first[k], k))
     busy_until = [-1] * len(pool.blocks)  # per block: last op index of its current tenant
+    held = pool.held_blocks()
     assignment: dict[int, int] = {}
     for k in order:
         need = internal[k].nbytes()
@@ -303,7 +338,7 @@ def _plan_and_rebind(
         for b, until in enumerate(busy_until):
             size = pool.blocks[b].nbytes()
             if (
-                b not in pool.pinned
+                b not in held
                 and until < first[k]
                 and size >= need
                 and (best is None or size < pool.blocks[best].nbytes())
@@ -314,14 +349,54 @@ def _plan_and_rebind(
             busy_until.append(-1)
         busy_until[best] = last[k]
         assignment[k] = best
-    pool.pinned.update(b for k, b in assignment.items() if k in output_keys)
+    private: dict[int, torch.Tensor] = {}
     for k, b in assignment.items():
         block = pool.blocks[b]
-        if k in output_keys:
-            # Outputs keep their captured values: a capture call returns real results.
-            nbytes = internal[k].nbytes()
-            dst = torch.empty(0, dtype=torch.uint8).set_(block, 0, (nbytes,), (1,))
-            dst.copy_(torch.empty(0, dtype=torch.uint8).set_(internal[k], 0, (nbytes,), (1,)))
+        if k not in output_keys:
+            for t in tensors_by_key[k]:
+                t.set_(block, t.storage_offset(), t.size(), t.stride())
+            continue
+        nbytes = internal[k].nbytes()
+        storage = pool.output_storage(b, nbytes)
+        # Outputs keep their captured values: a capture call returns real results.
+        _as_bytes(storage, nbytes).copy_(_as_bytes(internal[k], nbytes))
         for t in tensors_by_key[k]:
-            t.set_(block, t.storage_offset(), t.size(), t.stride())
+            private[id(t)] = torch.empty(0, dtype=t.dtype).set_(
+                block, t.storage_offset(), t.size(), t.stride()
+            )
+            t.set_(storage, t.storage_offset(), t.size(), t.stride())
+    _use_private_views(replayed, private)
     return set(assignment)
+
+
+def _as_bytes(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
+
+
+def _use_private_views(records: Sequence[OpRecord], private: dict[int, torch.Tensor]) -> None:
+    """Make ``records`` reach the output blocks through the program's own views.
+
+    The tensors the caller gets (and any view of them) are then the only ones on the outputs'
+    storages, so those storages die, and the pool may reuse their blocks, exactly when nothing
+    outside the twin reads the outputs; the program still replays into the same memory.
+    """
+    if not private:
+        return
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return private.get(id(value), value)
+        if isinstance(value, (list, tuple)):
+            items = [swap(v) for v in value]
+            if all(a is b for a, b in zip(items, value, strict=True)):
+                return value
+            return items if isinstance(value, list) else tuple(items)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        return value
+
+    for rec in records:
+        rec.args = swap(rec.args)
+        rec.kwargs = swap(rec.kwargs)
+        rec.outputs = swap(rec.outputs)
+        rec.written = swap(rec.written)

@@ -84,8 +84,8 @@ def fast_binding(
     """
     shape = (
         func,
-        tuple(type(a) for a in args),
-        tuple(sorted((k, type(v)) for k, v in kwargs.items())),
+        tuple(map(_arg_kind, args)),
+        tuple(sorted((k, _arg_kind(v)) for k, v in kwargs.items())),
     )
     cached = _binding_cache.get(shape)
     if cached is not None:
@@ -109,6 +109,18 @@ def fast_binding(
             break
     _binding_cache[shape] = chosen
     return chosen
+
+
+def _arg_kind(value: Any) -> Any:
+    """What decides the binding for an argument: its type, and for a list its element types.
+
+    ``index_put_(x, [rows, None, cols], v)`` needs the overload's own entry point (the public
+    binding rejects ``None`` in a tensor list) while ``index_put_(x, [rows], v)`` may use the
+    public one; a key of ``list`` alone would let the first call shape decide for both.
+    """
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(map(_arg_kind, value)))
+    return type(value)
 
 
 class _Namer:

@@ -135,9 +135,10 @@ def check_capturable(
 
 
 # Host-side entry points that read tensor data or reseed the generators without going through
-# the dispatcher, so no dispatch mode sees them: (owner, attribute, why it cannot be captured).
-# ``np.asarray(t)`` reaches ``Tensor.numpy`` through ``Tensor.__array__``; ``torch.manual_seed`` and
-# ``torch.random.manual_seed`` are one function, shadowed under both names.
+# the dispatcher, so no dispatch mode sees them: (owner, attribute, name in messages, why it
+# cannot be captured). ``np.asarray(t)`` reaches ``Tensor.numpy`` through ``Tensor.__array__``.
+# ``torch.manual_seed`` is ``torch.random.manual_seed`` until torch._dynamo wraps it, so both
+# names are shadowed.
 _HOST_SYNC = "it copies tensor data to the host (host sync). Move it out of the captured region."
 _RESEED = (
     "it reseeds the random generators, host-side state that a device graph does not record "
@@ -183,7 +184,7 @@ def _install_shadows() -> None:
     # which could then never be removed; importing it first makes it wrap the real function.
     import torch._dynamo  # noqa: F401
 
-    # One shadow per original function, so torch.manual_seed stays torch.random.manual_seed.
+    # One shadow per original function: names that held one function still hold one.
     shadows: dict[int, Callable[..., Any]] = {}
     for owner, name, label, why in _REFUSED_HOST_CALLS:
         original = getattr(owner, name)

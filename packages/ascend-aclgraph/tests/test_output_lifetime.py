@@ -87,6 +87,19 @@ def test_any_view_of_an_output_keeps_its_memory() -> None:
     assert torch.equal(head, x8[:4] * 2)
 
 
+def test_a_temporary_seen_through_views_shares_the_pool() -> None:
+    # A view's base gets one more Python reference, from C++: that is the twin's own view, not
+    # a holder outside the graph, so the temporary still goes into the shared blocks.
+    w = torch.randn(16, 16)
+    graph = backend.new_graph(backend.new_pool())
+    x = torch.randn(8, 16)
+    with backend.capture(graph):
+        graph.declare_outputs([((x @ w).view(8, 4, 4) * 2).sum(-1)])
+    program = graph.native.program
+    assert program.own_bytes == 0
+    assert program.planned_bytes == (8 * 16 + 8 * 16 + 8 * 4) * 4  # mm, mul, sum
+
+
 # --- a decoder, PIECEWISE and FULL, captured at several sizes into one pool -----------------
 
 SIZES = [16, 8, 4, 2, 1]  # largest first, as vLLM captures

@@ -7,9 +7,9 @@ import torch
 from ascend_npugraph_ex import fused_op
 from ascend_npugraph_ex.ops import reference as ref
 
-# Tolerances: float32 kernels may reorder one reduction (<= 1e-6 abs at these magnitudes);
-# bf16 may differ by one rounding step (the Python fallback's RoPE rounds once instead of three
-# times; the C++ RoPE is bitwise, see test_cpu_kernels.py).
+# Tolerances: float32 kernels may reorder one reduction (the C++ norms' sum of squares: a few ulp,
+# see FP32_NORM_RTOL); bf16 may differ by one rounding step (the Python fallback's RoPE rounds
+# once instead of three times; the C++ RoPE is bitwise, see test_cpu_kernels.py).
 TOL = {torch.float32: 1e-6, torch.bfloat16: 6.25e-2}
 
 
@@ -66,15 +66,26 @@ def test_cpu_kernel_matches_reference(name: str, dtype: torch.dtype) -> None:
             _check(fused_op(name)(*args), want, dtype)
 
 
-def test_norms_are_bitwise_in_float32() -> None:
-    t = _inputs(torch.float32)
-    assert torch.equal(
-        fused_op("rms_norm")(t["x"], t["w"], 1e-6), ref.rms_norm_ref(t["x"], t["w"], 1e-6)
-    )
-    y, s = fused_op("add_rms_norm")(t["x"], t["res"], t["w"], 1e-6)
-    y_ref, s_ref = ref.add_rms_norm_ref(t["x"], t["res"], t["w"], 1e-6)
-    assert torch.equal(s, s_ref)
-    assert torch.equal(y, y_ref)
+# The C++ norms sum the squares of a row in their own order (vector lanes, then across them)
+# where aten's mean uses a cascade, so in float32 rstd, and with it every output, may differ from
+# the unfused ops by the rounding of that sum: <= 3.3 eps relative measured for rows of 8 to 16384
+# elements at scales 1e-3 to 1e3. Every other step rounds as the unfused ops do. (The Python
+# fallback is bitwise: it runs the same aten ops.)
+FP32_NORM_RTOL = 8 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("h", [8, 100, 1024, 16384])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_float32_norms_are_within_a_few_ulp(h: int, scale: float) -> None:
+    g = torch.Generator().manual_seed(h)
+    x, res = (torch.randn(16, h, generator=g) * scale for _ in range(2))
+    w = torch.randn(h, generator=g)
+    got, want = fused_op("rms_norm")(x, w, 1e-6), ref.rms_norm_ref(x, w, 1e-6)
+    torch.testing.assert_close(got, want, atol=0.0, rtol=FP32_NORM_RTOL)
+    y, s = fused_op("add_rms_norm")(x, res, w, 1e-6)
+    y_ref, s_ref = ref.add_rms_norm_ref(x, res, w, 1e-6)
+    assert torch.equal(s, s_ref)  # a single rounded add
+    torch.testing.assert_close(y, y_ref, atol=0.0, rtol=FP32_NORM_RTOL)
 
 
 def test_output_keeps_permuted_layout() -> None:

@@ -1,13 +1,13 @@
 """Python CPU kernels of the fused ops: the fallback of the C++ ones (csrc/fused_cpu.cpp).
 
 They run when the C++ kernels cannot be built or ``ASCEND_NPUGRAPH_EX_NO_CPP=1`` is set (see
-:mod:`.cpu_cpp`); the C++ norms and swiglu call the same aten ops as these.
+:mod:`.cpu_cpp`). The C++ ones are single-pass loops; these compose aten ops.
 
-Same results as :mod:`ascend_npugraph_ex.ops.reference` (bitwise for the norms in float32, within
-one rounding step in bf16/fp16), in fewer passes over memory: ``aten._fused_rms_norm`` does the
-statistics and the scaling in one kernel, and RoPE writes straight into one preallocated output
-and accumulates the rotated half in place. Outputs keep the layout of the
-main input, as the fake implementations promise.
+Same results as :mod:`ascend_npugraph_ex.ops.reference` (bitwise for the norms and swiglu, within
+one rounding step in bf16/fp16 for RoPE), with fewer temporaries: ``aten._fused_rms_norm`` takes
+the norm in one call (on CPU it is itself a composite of the same aten ops), ``swiglu`` multiplies
+in place, and RoPE writes straight into one preallocated output and accumulates the rotated half
+in place. Outputs keep the layout of the main input, as the fake implementations promise.
 """
 
 from __future__ import annotations

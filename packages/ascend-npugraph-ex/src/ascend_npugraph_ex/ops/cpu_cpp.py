@@ -1,9 +1,16 @@
-"""Builds and loads the C++ CPU kernels (``csrc/fused_cpu.cpp``) on first use.
+"""Builds and loads the C++ CPU kernels (``csrc/fused_cpu*.cpp``) on first use.
 
-The source is compiled once per (source, torch version, compiler, flags) with the system C++
-compiler, straight from the command line (no ninja or setuptools needed), into
+The sources are compiled once per (sources, torch version, compiler, flags, vector ISA) with the
+system C++ compiler, straight from the command line (no ninja or setuptools needed), into
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded with ctypes. A
 build takes ~20-30 s on two cores; later processes only load the cached library.
+
+The row loops (``fused_cpu_kernels.cpp``) are compiled for the vector ISA ATen dispatches its
+own CPU kernels to on this machine (:func:`capability`: ``AVX512``, ``AVX2`` or ``DEFAULT``, which
+follows ``ATEN_CPU_CAPABILITY``), with ATen's flags and ``CPU_CAPABILITY`` macros for it, so that
+``at::vec::Vectorized`` has ATen's width. That is not ``-march=native``: the flags are ATen's
+fixed ISA levels, and the level is part of the cache key, so a library is only loaded on CPUs
+that ATen itself runs that level on. The rest of the extension uses baseline flags.
 
 If ``ASCEND_NPUGRAPH_EX_NO_CPP=1`` is set, no compiler is found or the build fails, :func:`load`
 warns once and returns False, and the Python composites of :mod:`.cpu` stay in use.
@@ -15,6 +22,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,14 +32,33 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_DISABLE", "SOURCE", "build", "cache_dir", "load"]
+__all__ = ["ENV_DISABLE", "SOURCES", "build", "cache_dir", "capability", "load"]
 
 log = logging.getLogger(__name__)
 
 ENV_DISABLE = "ASCEND_NPUGRAPH_EX_NO_CPP"
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_cpu.cpp"
-# -ffp-contract=off: no FMA contraction, so RoPE rounds exactly where the unfused ops do.
-_CFLAGS = ("-O3", "-std=c++20", "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off")
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# The registration and tensor glue (baseline flags), and the row loops (the ISA flags below).
+SOURCE = _CSRC / "fused_cpu.cpp"
+KERNELS_SOURCE = _CSRC / "fused_cpu_kernels.cpp"
+SOURCES = (SOURCE, KERNELS_SOURCE, _CSRC / "fused_cpu_kernels.h")
+# -O3: GCC vectorizes the RoPE loop at -O3 only. -ffp-contract=off: no FMA contraction, so RoPE
+# rounds exactly where the unfused ops do (explicit fmadd in the norms is unaffected).
+_CFLAGS = ("-O3", "-std=c++20", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off")
+# ATen's own flags per CPU capability (its cmake/Codegen.cmake), x86-64 only; -mf16c for the
+# half conversions of at::vec (every AVX2 CPU has F16C); GCC's default split of unaligned 256-bit
+# loads and stores is slower on every AVX2 CPU, ATen turns it off too.
+_ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "AVX512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"),
+    "AVX2": (
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-mno-avx256-split-unaligned-load",
+        "-mno-avx256-split-unaligned-store",
+    ),
+    "DEFAULT": (),
+}
 _BUILD_TIMEOUT_S = 600
 
 
@@ -48,34 +75,80 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
-def _command(cxx: str, out: Path) -> list[str]:
+def capability() -> str:
+    """The vector ISA the row loops are built for: ATen's CPU capability, where we have its flags.
+
+    ``AVX512`` or ``AVX2`` on x86-64 (as ``torch.backends.cpu.get_cpu_capability()`` reports,
+    so ``ATEN_CPU_CAPABILITY`` lowers it), ``DEFAULT`` otherwise (on aarch64 that is NEON).
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "DEFAULT"
+    cap: str = torch.backends.cpu.get_cpu_capability()
+    return cap if cap in _ISA_FLAGS else "DEFAULT"
+
+
+def _commands(cxx: str, out: Path, objs: tuple[Path, Path]) -> list[list[str]]:
+    """Two compile commands (they may run in parallel), then the link command."""
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).resolve().parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     openmp: bool = torch.backends.openmp.is_available()  # type: ignore[no-untyped-call]
     parallel = ["-fopenmp"] if openmp else []
-    return [
+    common = [
         cxx,
         *_CFLAGS,
         *parallel,
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
-        str(SOURCE),
-        "-o",
-        str(out),
-        f"-L{torch_lib}",
-        "-lc10",
-        "-ltorch_cpu",
-        f"-Wl,-rpath,{torch_lib}",
+        "-c",
+    ]
+    cap = capability()
+    isa = [*_ISA_FLAGS[cap], f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+    return [
+        [*common, str(SOURCE), "-o", str(objs[0])],
+        [*common, *isa, str(KERNELS_SOURCE), "-o", str(objs[1])],
+        [
+            cxx,
+            "-shared",
+            *parallel,
+            *map(str, objs),
+            "-o",
+            str(out),
+            f"-L{torch_lib}",
+            "-lc10",
+            "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}",
+        ],
     ]
 
 
 def _library_path(cxx: str) -> Path:
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(repr((torch.__version__, sys.platform, cxx, _CFLAGS)).encode())
+    for source in SOURCES:
+        key.update(source.read_bytes())
+    cap = capability()
+    key.update(repr((torch.__version__, sys.platform, cxx, _CFLAGS, cap, _ISA_FLAGS[cap])).encode())
     return cache_dir() / f"ascend_npugraph_ex_cpu_{key.hexdigest()[:16]}" / "fused_cpu.so"
+
+
+def _run(commands: list[list[str]]) -> None:
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for cmd in commands
+    ]
+    errors = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=_BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if proc.returncode != 0:
+            tail = "\n".join(err.strip().splitlines()[-20:])
+            errors.append(f"compiler exited with {proc.returncode}:\n{tail}")
+    if errors:
+        raise RuntimeError("\n".join(errors))
 
 
 def build() -> Path:
@@ -89,25 +162,17 @@ def build() -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("npugraph_ex: building the C++ CPU kernels into %s (once)", path)
-    # Build beside the target, then rename: concurrent builders never see a partial file.
-    fd, tmp_name = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        proc = subprocess.run(
-            _command(cxx, tmp),
-            capture_output=True,
-            text=True,
-            timeout=_BUILD_TIMEOUT_S,
-            check=False,
+    log.info("npugraph_ex: building the C++ CPU kernels (%s) into %s (once)", capability(), path)
+    # Build in a private directory beside the target, then rename: concurrent builders never
+    # see a partial file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp_dir:
+        tmp = Path(tmp_dir)
+        compile_main, compile_kernels, link = _commands(
+            cxx, tmp / "fused_cpu.so", (tmp / "fused_cpu.o", tmp / "fused_cpu_kernels.o")
         )
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-            raise RuntimeError(f"compiler exited with {proc.returncode}:\n{tail}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _run([compile_main, compile_kernels])  # the two translation units in parallel
+        _run([link])
+        os.replace(tmp / "fused_cpu.so", path)
     return path
 
 

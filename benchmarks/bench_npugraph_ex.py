@@ -1,7 +1,9 @@
 """npugraph_ex benchmark: fused vs unfused per op, fusion effect per layer, step time.
 
 Prints a table and saves a plot under --out. CPU timings are medians over repeated runs, taken
-on however many threads the caller allows (the nox session pins 1 thread and says so).
+on however many threads the caller allows (the nox session pins 1 thread and says so). The
+per-op table also prints each op's copy floor: a dst.copy_(src) moving the bytes the op reads
+and writes, the floor of a kernel that reads and writes memory once.
 On a CUDA GPU it also measures fused add_rms_norm bandwidth against a device copy and the step
 time against torch.compile(mode="reduce-overhead").
 """
@@ -9,7 +11,9 @@ time against torch.compile(mode="reduce-overhead").
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,25 +114,90 @@ def step_times(layers: int, hidden: int, batch: int, iters: int, device: str) ->
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def _round_robin(variants: dict[str, Callable[[], Any]], iters: int) -> dict[str, float]:
-    """Median microseconds of each variant, interleaved so that noise hits them all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
+def _timer() -> tuple[Callable[[], int], str]:
+    """The clock of the per-op table, in ns, and its name.
+
+    On one thread, the CPU time of the calling thread: on a shared machine, time this process
+    spends descheduled by other load does not count (cache and memory contention still do).
+    With more threads, wall time (the calling thread's CPU time would miss the workers').
+    """
+    if torch.get_num_threads() == 1:
+        return time.thread_time_ns, "CPU time of the calling thread"
+    return time.perf_counter_ns, "wall time"
+
+
+def _round_robin(
+    variants: dict[str, Callable[[], Any]], iters: int, clock: Callable[[], int]
+) -> dict[str, float]:
+    """Median microseconds per call of each variant.
+
+    A sample times a block of calls of ~100 us, not one call: reading a clock is a system call
+    on some VMs (0.6-2 us here), which would otherwise be a large, equal part of every decode-size
+    sample. Blocks of the variants are interleaved round-robin so that noise hits them alike.
+    """
+    block: dict[str, int] = {}
+    for name, fn in variants.items():
         for _ in range(max(iters // 10, 5)):
             fn()
+        t0 = clock()
+        for _ in range(5):
+            fn()
+        per_call_ns = max((clock() - t0) / 5, 1.0)
+        block[name] = max(1, min(1000, round(100_000 / per_call_ns)))
+    samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(iters):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t0) * 1e6)
+            n = block[name]
+            t0 = clock()
+            for _ in range(n):
+                fn()
+            samples[name].append((clock() - t0) / n / 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def _copy_floor(args: tuple[Any, ...], outputs: Any, dtype: torch.dtype) -> Callable[[], Any]:
+    """``dst.copy_(src)`` moving as many bytes as the op reads and writes (inputs and outputs
+    once each): the time a kernel that reads and writes memory once cannot beat."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors += list(outputs) if isinstance(outputs, tuple) else [outputs]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    numel = nbytes // 2 // torch.empty((), dtype=dtype).element_size()
+    src = torch.randn(numel).to(dtype)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, as tcmalloc or jemalloc do.
+
+    With glibc's defaults, a multi-MB tensor freed next to other large frees is trimmed back to
+    the OS, and the next allocation of that size faults every page in again: ~1-3 us a page on
+    this VM, 0.5-1 ms per 2 MB prefill output, more than the kernel itself. How often that
+    happens depends on what else allocated in between (in this table, on the unfused variant),
+    so without this the prefill cells time glibc, not the kernels. Both variants benefit; the
+    copy floor reuses its buffer anyway. False where it does not apply (not glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB: glibc's largest mmap threshold (larger tensors are still mapped and unmapped).
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+# Ops that read each input and write each output once: a copy of the same bytes is their floor.
+_STREAMING = ("rms_norm", "add_rms_norm", "swiglu")
+
+
 def op_table(
-    tokens: int, iters: int, dtype: torch.dtype, decode: bool
-) -> list[tuple[str, float, float]]:
-    """(op, fused us, unfused us) per fused op on CPU: Qwen3-like hidden 1024, 16 q / 8 kv heads
-    of 128, intermediate 3072; ``tokens`` rows (batch x 1 at decode, one sequence at prefill)."""
+    tokens: int, iters: int, dtype: torch.dtype, decode: bool, clock: Callable[[], int]
+) -> list[tuple[str, float, float, float]]:
+    """(op, fused us, unfused us, copy floor us) per fused op on CPU: Qwen3-like hidden 1024,
+    16 q / 8 kv heads of 128, intermediate 3072; ``tokens`` rows (batch x 1 at decode, one
+    sequence at prefill)."""
     from ascend_npugraph_ex.ops import reference as ref
 
     torch.manual_seed(0)
@@ -146,55 +215,80 @@ def op_table(
     cos, sin = r(b, 1, s, dim), r(b, 1, s, dim)
     cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)
     qw, kw = r(dim), r(dim)
-    op = {name: nx.fused_op(name) for name in nx.OPS}  # OpOverloads, as an FX graph calls them
-    cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
-        "rms_norm": (
-            lambda: op["rms_norm"](x, w, 1e-6),
-            lambda: ref.rms_norm_ref(x, w, 1e-6),
-        ),
-        "add_rms_norm": (
-            lambda: op["add_rms_norm"](x, res, w, 1e-6),
-            lambda: ref.add_rms_norm_ref(x, res, w, 1e-6),
-        ),
-        "swiglu": (lambda: op["swiglu"](gate, up), lambda: ref.swiglu_ref(gate, up)),
-        "rotary": (
-            lambda: op["rotary"](q, k, cos, sin),
-            lambda: ref.rotary_ref(q, k, cos, sin),
-        ),
-        "qk_norm_rope": (
-            lambda: op["qk_norm_rope"](qn, kn, qw, kw, 1e-6, cos_t, sin_t),
-            lambda: ref.qk_norm_rope_ref(qn, kn, qw, kw, 1e-6, cos_t, sin_t),
-        ),
+    cases: dict[str, tuple[tuple[Any, ...], Callable[..., Any]]] = {
+        "rms_norm": ((x, w, 1e-6), ref.rms_norm_ref),
+        "add_rms_norm": ((x, res, w, 1e-6), ref.add_rms_norm_ref),
+        "swiglu": ((gate, up), ref.swiglu_ref),
+        "rotary": ((q, k, cos, sin), ref.rotary_ref),
+        "qk_norm_rope": ((qn, kn, qw, kw, 1e-6, cos_t, sin_t), ref.qk_norm_rope_ref),
     }
     rows = []
     with torch.no_grad():
-        for name, (fused, unfused) in cases.items():
-            t = _round_robin({"fused": fused, "unfused": unfused}, iters)
-            rows.append((name, t["fused"], t["unfused"]))
+        for name, (args, unfused) in cases.items():
+            op = nx.fused_op(name)  # the OpOverload, as an FX graph calls it
+            t = _round_robin(
+                {
+                    "fused": lambda op=op, args=args: op(*args),
+                    "unfused": lambda unfused=unfused, args=args: unfused(*args),
+                    "copy": _copy_floor(args, op(*args), dtype),
+                },
+                iters,
+                clock,
+            )
+            rows.append((name, t["fused"], t["unfused"], t["copy"]))
     return rows
 
 
-def print_op_table(decode_tokens: int, prefill_tokens: int, iters: int) -> None:
+def print_op_table(
+    decode_tokens: int, prefill_tokens: int, iters: int, malloc_defaults: bool = False
+) -> None:
+    from ascend_npugraph_ex.ops import cpu_cpp
     from ascend_npugraph_ex.ops.library import cpu_kernels
 
     x = torch.randn(1, 8)
     nx.fused_op("rms_norm")(x, torch.ones(8), 1e-6)  # picks (and if needed builds) the kernels
+    kernels = cpu_kernels()
+    if kernels == "cpp":
+        kernels = f"cpp kernels, {cpu_cpp.capability()} loops"
+    clock, clock_name = _timer()
+    kept = False if malloc_defaults else keep_freed_memory()
     print(
-        f"\nFused op vs the unfused aten ops, cpu ({cpu_kernels()} kernels), hidden 1024, "
-        f"16/8 heads x 128, median us (decode {iters} reps, prefill {max(iters // 20, 20)}):"
+        f"\nFused op vs the unfused aten ops, cpu ({kernels}), hidden 1024, 16/8 heads x 128, "
+        f"median us per call ({clock_name}; decode {iters} samples, prefill "
+        f"{max(iters // 20, 20)}). copy: dst.copy_(src) of the bytes the op reads and writes; "
+        "* marks the ops that read and write memory once, whose floor that copy is. "
+        + (
+            "glibc malloc keeps freed memory (see keep_freed_memory; --malloc-defaults not to):"
+            if kept
+            else "Allocator defaults:"
+        )
     )
-    print(f"  {'op':14}{'size':>16}{'dtype':>10}{'fused':>10}{'unfused':>10}{'speedup':>9}")
+    print(
+        f"  {'op':14}{'size':>16}{'dtype':>10}{'fused':>10}{'unfused':>10}{'speedup':>9}"
+        f"{'copy':>9}{'vs copy':>9}"
+    )
     for label, tokens, n, decode in (
         (f"decode {decode_tokens}x1", decode_tokens, iters, True),
         (f"prefill {prefill_tokens}", prefill_tokens, max(iters // 20, 20), False),
     ):
         for dtype in (torch.float32, torch.bfloat16):
-            for name, fused, unfused in op_table(tokens, n, dtype, decode):
+            for name, fused, unfused, copy in op_table(tokens, n, dtype, decode, clock):
                 dt = str(dtype).removeprefix("torch.")
+                mark = "*" if name in _STREAMING else " "
                 print(
-                    f"  {name:14}{label:>16}{dt:>10}{fused:10.1f}{unfused:10.1f}"
-                    f"{unfused / fused:8.2f}x"
+                    f"  {name + mark:14}{label:>16}{dt:>10}{fused:10.1f}{unfused:10.1f}"
+                    f"{unfused / fused:8.2f}x{copy:9.1f}{fused / copy:8.2f}x"
                 )
+    # What a call costs before any data moves: at decode sizes most of the gap to the copy.
+    small, w8, dst = torch.randn(8), torch.ones(8), torch.empty(8)
+    op = nx.fused_op("rms_norm")
+    t = _round_robin(
+        {"op": lambda: op(small, w8, 1e-6), "copy": lambda: dst.copy_(small)}, iters, clock
+    )
+    print(
+        f"  call floor (8 elements): fused op {t['op']:.1f} us, Tensor.copy_ {t['copy']:.1f} us "
+        "(a custom op called from Python parses its schema and allocates its output)"
+    )
 
 
 def cuda_bandwidth(rows: int, hidden: int) -> dict[str, float]:
@@ -222,6 +316,11 @@ def main() -> None:
     p.add_argument("--op-iters", type=int, default=2000, help="reps per op at decode size")
     p.add_argument("--prefill", type=int, default=512, help="tokens of the prefill op table")
     p.add_argument("--ops-only", action="store_true", help="only the per-op table")
+    p.add_argument(
+        "--malloc-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (prefill outputs may page-fault each call)",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
@@ -229,7 +328,7 @@ def main() -> None:
         f"npugraph_ex benchmark - torch {torch.__version__}, CPU threads: {threads}; "
         "times are medians"
     )
-    print_op_table(args.batch, args.prefill, args.op_iters)
+    print_op_table(args.batch, args.prefill, args.op_iters, args.malloc_defaults)
     if args.ops_only:
         return
 

@@ -247,18 +247,35 @@ inline void scale_row(const T* x, const T* w, T* y, int64_t h, float rstd) {
   });
 }
 
+// The sum of squares of a row, in two pairs of float accumulators: a single FMA chain would be
+// bound by its latency (4 cycles a step), not by the loads.
+template <typename T>
+inline std::pair<fVec, fVec> sum_squares(const T* x, int64_t h) {
+  using IO = RowIO<T>;
+  constexpr int64_t kStep = IO::kStep;
+  fVec acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
+  int64_t i = 0;
+  for (; i + 2 * kStep <= h; i += 2 * kStep) {
+    auto [a, b] = IO::load(x + i);
+    auto [c, d] = IO::load(x + i + kStep);
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(b, b, acc1);
+    acc2 = at::vec::fmadd(c, c, acc2);
+    acc3 = at::vec::fmadd(d, d, acc3);
+  }
+  for (; i < h; i += kStep) {
+    auto [a, b] = IO::load(x + i, std::min(kStep, h - i));  // zero past the row: adds nothing
+    acc0 = at::vec::fmadd(a, a, acc0);
+    acc1 = at::vec::fmadd(b, b, acc1);
+  }
+  return {acc0 + acc2, acc1 + acc3};
+}
+
 template <typename T>
 void rms_norm_impl(const RowLayout& l, int64_t h, const T* x, const T* w, T* y, float eps) {
-  using IO = RowIO<T>;
   parallel_rows<2>(l, h, [&](const std::array<int64_t, 2>& o) {
     const T* xr = x + o[0];
-    // Two accumulators: one FMA chain would be bound by its latency, not by the loads.
-    fVec acc0(0.0f), acc1(0.0f);
-    for_each_step<T>(h, [&](int64_t i, int64_t n) {
-      auto [a, b] = IO::load(xr + i, n);  // zero past n: adds nothing
-      acc0 = at::vec::fmadd(a, a, acc0);
-      acc1 = at::vec::fmadd(b, b, acc1);
-    });
+    auto [acc0, acc1] = sum_squares(xr, h);
     scale_row(xr, w, y + o[1], h, rstd_of(acc0, acc1, h, eps));  // the row is in L1 again
   });
 }

@@ -177,3 +177,28 @@ def test_ops_with_a_cpp_kernel_stay_single_recorded_ops(op_name: str) -> None:
         recorded = [rec.func for rec in recorder.records]
         graph.declare_outputs([])
     assert recorded == [torch.ops.aten.mul.Tensor, op]
+
+
+@torch.library.custom_op("aclgraph_twin_test::weighted_row", mutates_args=())
+def weighted_row(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, -1) @ m  # aten.matmul itself: composites reach the recorder here
+
+
+def test_composite_ops_inside_a_python_body_replay_as_computed(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """``matmul.out`` of a vector and a matrix resizes its output to 2-D and back, warning at
+    every call; the twin replays composites through the op itself, not their out= overload."""
+    x, m = torch.randn(5), torch.randn(5, 3)
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        recorder = graph.native.recorder
+        out = weighted_row(x, m)
+        assert torch.ops.aten.matmul.default in [rec.func for rec in recorder.records]
+        graph.declare_outputs([out])
+    for _ in range(2):
+        x.copy_(torch.randn(5))
+        graph.replay()
+        assert out.shape == (3,)
+        assert torch.equal(out, torch.softmax(x, -1) @ m)
+    assert "resized" not in capfd.readouterr().err

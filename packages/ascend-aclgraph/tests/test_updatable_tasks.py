@@ -90,9 +90,9 @@ def test_host_lengths_need_the_update_on_the_twin() -> None:
     assert graph.tasks[0].current("seq_lens") == new_lens
 
 
-def test_a_python_custom_op_task_is_one_op_whose_body_replays_with_the_new_arguments() -> None:
-    """The twin records inside Python custom ops, except an updatable task: it stays the one
-    op that a device task update re-issues, and its body runs with the rewritten lengths."""
+def test_a_python_custom_op_task_is_a_segment_of_its_recorded_ops() -> None:
+    """A task's Python body is recorded like any Python custom op's (its ops, not the op): the
+    graph calls the task's segment, and an update records the body again into a new one."""
     backend = ag.get_backend("cpu")
     q, k, v = rand(backend, 2, 8), rand(backend, 2, 6, 8), rand(backend, 2, 6, 8)
     graph = backend.new_graph(backend.new_pool())
@@ -100,17 +100,87 @@ def test_a_python_custom_op_task_is_one_op_whose_body_replays_with_the_new_argum
         out = torch.empty_like(q)
         ag.updatable(ATTENTION, q, k, v, seq_lens=[1, 1], out=out)
         graph.declare_outputs([out])
-    record = graph.tasks[0].handle
-    assert record.func is ATTENTION
-    assert record.updatable
+    segment = graph.tasks[0].handle
     source = graph.native.program.source
-    assert source.count("_task") == 2, source  # one call: f(*_taskN.args, **_taskN.kwargs)
-    assert "softmax" not in source  # its body is not unrolled into the graph
+    assert source.count(".run()") == 1, source  # the graph calls the task's segment
+    assert graph.native.program.num_replayed == len(segment.records)  # all of them its ops
+    ops = {str(rec.func) for rec in segment.records}
+    assert "aten.softmax.int" in ops, ops  # the body's ops, recorded at capture
+    assert str(ATTENTION) not in ops
+
+    def shapes() -> list[tuple[int, ...]]:
+        return [tuple(t.shape) for rec in segment.records for t in rec.read_tensors()]
+
+    captured = shapes()
     for lens in ([6, 2], [3, 5], [2, 6]):
         graph.tasks[0].update(seq_lens=lens)
         q.copy_(rand(backend, 2, 8))
         graph.replay()
         assert torch.equal(out, _reference(q, k, v, lens))
+        assert graph.tasks[0].handle is segment
+        assert shapes() != captured  # recorded again, reading the new lengths of k and v
+    q.copy_(rand(backend, 2, 8))
+    graph.replay()  # no update: the last recorded segment replays
+    assert torch.equal(out, _reference(q, k, v, [2, 6]))
+
+
+# Host state a task's body reads, as vLLM's attention ops read the forward context, and how
+# many times the body ran.
+FORWARD_CONTEXT = {"scale": 1.0}
+BODY_RUNS = [0]
+
+
+@torch.library.custom_op("aclgraph_test::context_attention_out", mutates_args=("out",))
+def context_attention_out(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int], out: torch.Tensor
+) -> None:
+    """length_attention_out with a softmax scale read from a global, not an argument."""
+    BODY_RUNS[0] += 1
+    scale = FORWARD_CONTEXT["scale"]
+    for b, n in enumerate(seq_lens):
+        out[b] = torch.softmax((k[b, :n] @ q[b]) * scale, -1) @ v[b, :n]
+
+
+def _context_reference(q, k, v, lens, scale):  # type: ignore[no-untyped-def]
+    out = torch.empty_like(q)
+    for b, n in enumerate(lens):
+        out[b] = torch.softmax((k[b, :n] @ q[b]) * scale, -1) @ v[b, :n]
+    return out
+
+
+def test_a_python_task_bakes_what_its_body_reads_until_the_next_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the NPU a task replays with what the capture, or its last update, computed on the
+    host; only an update runs the op's Python body again. So a global the body reads is baked
+    between updates, and an update sees it as it is then."""
+    backend = ag.get_backend("cpu")
+    op = torch.ops.aclgraph_test.context_attention_out.default
+    q, k, v = rand(backend, 2, 8), rand(backend, 2, 6, 8), rand(backend, 2, 6, 8)
+    monkeypatch.setitem(FORWARD_CONTEXT, "scale", 0.5)
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        out = torch.empty_like(q)
+        ag.updatable(op, q * 1, k, v, seq_lens=[2, 3], out=out)
+        graph.declare_outputs([out])
+    runs = BODY_RUNS[0]
+
+    monkeypatch.setitem(FORWARD_CONTEXT, "scale", 3.0)
+    for _ in range(2):
+        q.copy_(rand(backend, 2, 8))
+        graph.replay()  # no update: the captured lengths and scale stand
+        assert torch.equal(out, _context_reference(q, k, v, [2, 3], 0.5))
+    assert BODY_RUNS[0] == runs, "a replay without an update ran the task's Python body"
+
+    graph.replay(graph.updates_for({"seq_lens": [5, 1]}))
+    assert torch.equal(out, _context_reference(q, k, v, [5, 1], 3.0))
+    assert BODY_RUNS[0] == runs + 1
+
+    monkeypatch.setitem(FORWARD_CONTEXT, "scale", 7.0)
+    q.copy_(rand(backend, 2, 8))
+    graph.replay()  # the update's lengths and scale stand
+    assert torch.equal(out, _context_reference(q, k, v, [5, 1], 3.0))
+    assert BODY_RUNS[0] == runs + 1
 
 
 @torch.library.custom_op("aclgraph_test::prefix_sums_out", mutates_args=("out",))
@@ -135,6 +205,87 @@ def test_a_task_that_also_returns_a_new_tensor_updates_it_too() -> None:
     expected = torch.stack([x[0].sum(), x[1, :3].sum()])
     assert torch.equal(out, expected)
     assert torch.equal(doubled, expected * 2)
+
+
+@torch.library.custom_op("aclgraph_test::window_out", mutates_args=("out",))
+def window_out(x: torch.Tensor, lens: list[int], width: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes each row's sum over its first lens[b] entries; returns x[:, :width] doubled."""
+    for b, n in enumerate(lens):
+        out[b] = x[b, :n].sum()
+    window = x[:, :width]
+    # Other ops for long lengths, so the result is a storage of other ops than at capture.
+    return window * 2 if max(lens) < 3 else torch.add(window, window).neg().neg()
+
+
+def _window_graph(x: torch.Tensor) -> tuple[ag.Graph, torch.Tensor, torch.Tensor]:
+    backend = ag.get_backend("cpu")
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        out = torch.empty(2)
+        doubled = ag.updatable(torch.ops.aclgraph_test.window_out.default, x, [1, 2], 2, out)
+        graph.declare_outputs([out, doubled])
+    return graph, out, doubled
+
+
+def test_an_update_computing_the_result_with_other_ops_writes_the_captured_result() -> None:
+    x = rand(ag.get_backend("cpu"), 2, 5)
+    graph, out, doubled = _window_graph(x)
+    where = doubled.data_ptr()
+    graph.replay(graph.updates_for({"lens": [4, 3]}))
+    assert torch.equal(out, torch.stack([x[0, :4].sum(), x[1, :3].sum()]))
+    assert doubled.data_ptr() == where
+    assert torch.equal(doubled, x[:, :2] * 2)
+    x.copy_(rand(ag.get_backend("cpu"), 2, 5))
+    graph.replay()
+    assert torch.equal(doubled, x[:, :2] * 2)
+
+
+def test_an_update_whose_result_changes_shape_is_refused_and_the_task_keeps_its_arguments() -> None:
+    """The rest of the graph reads the result the capture returned; an update cannot give it
+    another shape (on the NPU a task update re-issues the op into the captured buffers)."""
+    x = rand(ag.get_backend("cpu"), 2, 5)
+    graph, out, doubled = _window_graph(x)
+    task = graph.tasks[0]
+    task.update(lens=[3, 3], width=3)
+    with pytest.raises(
+        ag.TaskUpdateError,
+        match=r"window_out.* refused: .*result 0 .*\(2, 3\).*captured .*\(2, 2\)",
+    ):
+        graph.replay()
+    assert task.current("width") == 2
+    assert task.current("lens") == [1, 2]
+    assert not task.pending
+    x.copy_(rand(ag.get_backend("cpu"), 2, 5))
+    graph.replay()  # the segment recorded last (here: at capture) still stands
+    assert torch.equal(out, torch.stack([x[0, :1].sum(), x[1, :2].sum()]))
+    assert torch.equal(doubled, x[:, :2] * 2)
+
+
+def _sync_when_long(x: torch.Tensor, lens: list[int], out: torch.Tensor) -> None:
+    if max(lens) > 4:
+        x.sum().item()  # a host sync, on this path only
+    out.copy_(x[:, : max(lens)].sum(-1))
+
+
+torch.library.custom_op("aclgraph_test::sync_when_long", mutates_args=("out",))(_sync_when_long)
+
+
+def test_a_host_sync_in_a_task_body_is_refused_when_an_update_reaches_it() -> None:
+    x = rand(ag.get_backend("cpu"), 2, 6)
+    backend = ag.get_backend("cpu")
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        out = torch.empty(2)
+        ag.updatable(torch.ops.aclgraph_test.sync_when_long.default, x, [1, 2], out)
+        graph.declare_outputs([out])
+    line = _sync_when_long.__code__.co_firstlineno + 2
+    with pytest.raises(
+        ag.TaskUpdateError,
+        match=rf"refused: .*test_updatable_tasks\.py:{line} .*host sync",
+    ):
+        graph.replay(graph.updates_for({"lens": [5, 1]}))
+    graph.replay(graph.updates_for({"lens": [3, 1]}))
+    assert torch.equal(out, x[:, :3].sum(-1))
 
 
 def test_update_validates_names_lengths_and_kinds() -> None:

@@ -96,30 +96,50 @@ def _has_mask_index(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype in _BOOL_DTYPES for i in indices)
 
 
+@functools.cache
+def _op_facts(func: torch._ops.OpOverload) -> tuple[str, bool, bool, str | None]:
+    """What the refusal rule reads from ``func``'s tags and schema, which do not change.
+
+    Cached: every op of a capture (and of a task update, recorded again at each step) asks, and
+    reading a schema from Python builds its argument objects anew each time.
+    """
+    tags = func.tags
+    host_return = next(
+        (
+            str(ret.type)
+            for ret in func._schema.returns
+            if not isinstance(ret.type, (torch.TensorType, torch.ListType, torch.OptionalType))
+        ),
+        None,
+    )
+    return (
+        func._schema.name,
+        torch.Tag.data_dependent_output in tags,
+        torch.Tag.dynamic_output_shape in tags,
+        host_return,
+    )
+
+
 def capture_refusal(
     func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]
 ) -> str | None:
     """Why ``func(*args, **kwargs)`` cannot be captured, or ``None`` if it can."""
-    tags = func.tags
-    name = func._schema.name
-    if torch.Tag.data_dependent_output in tags:
+    name, data_dependent, dynamic_shape, host_return = _op_facts(func)
+    if data_dependent:
         return "it reads tensor data on the host (host sync: .item(), int(t), bool(t), `if t:`)"
     if name in _MASK_INDEXED_OPS:
         if _has_mask_index(args, kwargs):
             return "boolean-mask indexing needs nonzero(), a host sync with a data-dependent shape"
         return None
-    if torch.Tag.dynamic_output_shape in tags:
+    if dynamic_shape:
         if name == "aten::repeat_interleave" and kwargs.get("output_size") is not None:
             return None
         return "its output shape depends on tensor data (a host sync on a device)"
-    if name in _METADATA_OPS or not _takes_a_tensor(args, kwargs):
+    if host_return is None or name in _METADATA_OPS or not _takes_a_tensor(args, kwargs):
         # A host result from dtypes, shapes or flags, or from no tensor at all
         # (torch.promote_types): a device graph has those at capture too.
         return None
-    for ret in func._schema.returns:
-        if not isinstance(ret.type, (torch.TensorType, torch.ListType, torch.OptionalType)):
-            return f"it returns a host value ({ret.type}) computed from tensor data (host sync)"
-    return None
+    return f"it returns a host value ({host_return}) computed from tensor data (host sync)"
 
 
 def check_capturable(

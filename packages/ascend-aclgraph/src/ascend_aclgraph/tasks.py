@@ -21,15 +21,19 @@ copy is queued on the current stream, ahead of the next replay). Host values are
 applied by the next :meth:`~ascend_aclgraph.backends.Graph.replay`, in the order the device
 needs: on the NPU after the replay is enqueued (the graph waits at each task's event while the
 task is rewritten on the update stream; rewriting earlier would race the previous replay), on
-the CPU twin before it runs. CUDA graphs cannot rewrite a task at all, so staging a host value
-there raises (pass the value as a device tensor instead).
+the CPU twin when its replay reaches the task. CUDA graphs cannot rewrite a task at all, so
+staging a host value there raises (pass the value as a device tensor instead).
+
+A rewrite re-issues the op: its Python body, if it has one, runs again on the host with the new
+arguments and reads host state (a forward context) as it is then. Between rewrites the task
+replays what the capture, or the last rewrite, computed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -95,7 +99,7 @@ class UpdatableTask:
         self.args = args
         self.kwargs = dict(kwargs)
         self.arg_names = _argument_names(op)
-        # Backend-specific state: the twin's op record, the NPU task-group handle and event.
+        # Backend-specific state: the twin's task segment, the NPU task-group handle and event.
         self.handle: Any = None
         self.event: Any = None
         # Host-side changes staged by update(), applied (then cleared) by the next replay.
@@ -178,16 +182,27 @@ class UpdatableTask:
         self.pending.clear()
 
     def _store(self, name: str, value: Any) -> None:
-        if name in self.kwargs or self.arg_names is None:
-            self.kwargs[name] = value
-            return
-        pos = self.arg_names.index(name)
-        if pos < len(self.args):
-            args = list(self.args)
-            args[pos] = value
-            self.args = tuple(args)
-        else:
-            self.kwargs[name] = value
+        self.args, self.kwargs = self._with_changes(self.args, self.kwargs, {name: value})
+
+    def _with_changes(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], changes: Mapping[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``args`` and ``kwargs`` of a call of this task's op, with ``changes`` by name.
+
+        A change goes where the argument was passed: positionally if it was, else by keyword.
+        """
+        args_list = list(args)
+        kwargs = dict(kwargs)
+        for name, value in changes.items():
+            if name in kwargs or self.arg_names is None:
+                kwargs[name] = value
+                continue
+            pos = self.arg_names.index(name)
+            if pos < len(args_list):
+                args_list[pos] = value
+            else:
+                kwargs[name] = value
+        return tuple(args_list), kwargs
 
     graph: Graph
 

@@ -70,7 +70,8 @@ class Graph:
         ``update()`` since the last replay are applied too. The backend applies host-side
         changes in its device's order: on the NPU the replay is enqueued first and each task is
         rewritten on the update stream while the graph waits at the task's event; on the twin
-        the recorded ops are rewritten, then run. A rewritten task keeps its new arguments.
+        each changed task's op is recorded again when the replay reaches it. A rewritten task
+        keeps its new arguments, and what its op computed from them on the host.
         """
         if not self.captured:
             raise RuntimeError("replay() of a graph that was never captured successfully")

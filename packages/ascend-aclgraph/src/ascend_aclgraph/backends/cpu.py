@@ -6,6 +6,9 @@ outputs. That gives the device contract on a CPU: static addresses, inputs that 
 into static buffers, control flow frozen at capture, host arguments baked in unless captured as
 updatable tasks, and host syncs refused. A test that forgets to copy an input sees a stale
 result here exactly as it would on an NPU.
+
+An updatable task is a segment of the recorded ops (:mod:`ascend_aclgraph.twin.segment`): an
+update records the task's op again, with its new arguments, when the replay reaches it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.tasks import UpdatableTask
 from ascend_aclgraph.twin.program import TwinPool, TwinProgram, build_program
 from ascend_aclgraph.twin.recorder import Recorder
+from ascend_aclgraph.twin.segment import TaskSegment
 
 __all__ = ["CpuTwinBackend", "TwinGraph"]
 
@@ -98,6 +102,7 @@ class CpuTwinBackend(GraphBackend):
             pool.handle,
             native.outputs,
             keep_alive=[task.args for task in graph.tasks] + [task.kwargs for task in graph.tasks],
+            segments=[task.handle for task in graph.tasks],
         )
         # The program replays into the outputs' memory without holding them; keeping them here
         # would keep their pool blocks from ever being reused.
@@ -114,9 +119,10 @@ class CpuTwinBackend(GraphBackend):
         """The twin runs synchronously; nothing to wait for."""
 
     def replay(self, graph: Graph, updates: Mapping[UpdatableTask, dict[str, Any]]) -> None:
-        # The twin runs synchronously, so no earlier replay can still be reading a task: the
-        # device's order (launch, then rewrite while the graph waits at the task's event) comes
-        # down to rewriting the recorded ops first, then running them.
+        # The device's order: launch, and rewrite each changed task while the graph waits at
+        # it. The twin runs synchronously, so the changes are staged on the tasks' segments,
+        # and each segment records its task again when the replay reaches it. A refused update
+        # raises from there (TaskUpdateError), leaving that task as it was.
         for task, changes in updates.items():
             self.update_host_args(task, changes)
         graph.native.replay()
@@ -136,31 +142,11 @@ class CpuTwinBackend(GraphBackend):
         if recorder is None:
             raise CaptureError("updatable op outside an active cpu-twin capture")
         check_updatable_op(op, task.describe(), self.name)
-        before = len(recorder.records)
-        recorder.expect_updatable()
-        result = op(*args, **kwargs)
-        recorded = recorder.records[before:]
-        if len(recorded) != 1 or recorded[0].func is not op:
-            names = ", ".join(str(rec.func) for rec in recorded) or "none"
-            raise CaptureError(
-                f"{task.describe()} dispatched {len(recorded)} operator(s) ({names}); an "
-                "updatable op must reach the dispatcher as itself, a single operator (an aten op "
-                "or a torch.library custom op, not a composite that decomposes), since that "
-                "operator is the task whose arguments get rewritten"
-            )
-        task.handle = recorded[0]
+        start = len(recorder.records)
+        result, records = recorder.run_task(op, args, kwargs, task.describe())
+        task.handle = TaskSegment(task, op, args, kwargs, result, records, start)  # type: ignore[arg-type]
         return result
 
     def update_host_args(self, task: UpdatableTask, changes: dict[str, Any]) -> None:
-        record = task.handle
-        names = [a.name for a in record.func._schema.arguments]
-        args = list(record.args)
-        for name, value in changes.items():
-            frozen = list(value) if isinstance(value, list) else value
-            if name in record.kwargs:
-                record.kwargs[name] = frozen
-            elif name in names and names.index(name) < len(args):
-                args[names.index(name)] = frozen
-            else:
-                record.kwargs[name] = frozen
-        record.args = tuple(args)
+        segment: TaskSegment = task.handle
+        segment.stage(changes)

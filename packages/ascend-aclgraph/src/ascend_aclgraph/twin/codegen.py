@@ -12,8 +12,10 @@ output, which costs one allocation and one copy more.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from types import CodeType
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.twin.recorder import OpRecord
 
-__all__ = ["fast_binding", "find_out_overload", "generate_replay"]
+__all__ = ["fast_binding", "find_out_overload", "generate_replay", "generate_segment"]
 
 _out_overload_cache: dict[torch._ops.OpOverload, torch._ops.OpOverload | None] = {}
 
@@ -161,61 +163,97 @@ def _result_accessor(result_paths: list[tuple[int, ...]], index: int) -> str:
     return "_r" + "".join(f"[{i}]" for i in result_paths[index])
 
 
-def _entry(func: torch._ops.OpOverload, rec: OpRecord) -> Callable[..., Any]:
-    # Updatable tasks get rewritten arguments, so they keep the overload's exact entry point.
-    return func._op if rec.updatable else fast_binding(func, rec.args, rec.kwargs)
-
-
 def _copy_fresh(body: list[str], namer: _Namer, copy: str, rec: OpRecord) -> None:
     """Copy the op's new tensors (result ``_r``) into the outputs captured for them."""
     paths = rec.extra["result_paths"]
     for i in rec.fresh:
         target = namer.bind(rec.outputs[i], "t")
-        body.append(f"    {copy}({target}, {_result_accessor(paths, i)})")
+        body.append(f"{copy}({target}, {_result_accessor(paths, i)})")
 
 
-def generate_replay(records: Sequence[OpRecord]) -> tuple[Callable[[], None], str]:
-    """Compile ``records`` into a function that re-runs them in order; also return its source."""
+_composite_cache: dict[torch._ops.OpOverload, bool] = {}
+
+
+def _is_composite(func: torch._ops.OpOverload) -> bool:
+    """Whether ``func`` is a CompositeImplicitAutograd op (it decomposes into other ops).
+
+    Such ops reach the recorder as themselves inside a Python custom op's body (autograd keys
+    are excluded there). Their ``out=`` overloads are composites too, and not always faithful:
+    ``matmul.out`` of a vector and a matrix resizes its output to 2-D and back, warning on every
+    call. So they replay through the op itself, their result copied into the captured output.
+    """
+    found = _composite_cache.get(func)
+    if found is None:
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), "CompositeImplicitAutograd"
+        )
+        _composite_cache[func] = found
+    return found
+
+
+def _emit(body: list[str], namer: _Namer, copy: str, rec: OpRecord) -> None:
+    """Append the lines that replay ``rec`` (unindented)."""
+    func = rec.func
+    call_args = _call_args(namer, rec.args, rec.kwargs)
+    if rec.written or not rec.fresh:
+        # In-place and out= ops write their arguments: replay them exactly as called. One that
+        # also returns new tensors (a custom op with mutates_args, say) has those copied into
+        # the captured outputs, like a functional op without an out= overload.
+        fn = namer.bind(fast_binding(func, rec.args, rec.kwargs), "op")
+        if not rec.fresh:
+            body.append(f"{fn}({', '.join(call_args)})")
+            return
+        body.append(f"_r = {fn}({', '.join(call_args)})")
+        _copy_fresh(body, namer, copy, rec)
+        return
+    out_func = None if _is_composite(func) else find_out_overload(func)
+    if out_func is not None and len(rec.fresh) == len(rec.outputs):
+        out_names = [a.name for a in out_func._schema.arguments if a.is_out]
+        out_kwargs = {n: rec.outputs[i] for i, n in enumerate(out_names)}
+        fn = namer.bind(fast_binding(out_func, rec.args, {**rec.kwargs, **out_kwargs}), "op")
+        outs = [f"{n}={namer.bind(rec.outputs[i], 't')}" for i, n in enumerate(out_names)]
+        body.append(f"{fn}({', '.join(call_args + outs)})")
+        return
+    fn = namer.bind(fast_binding(func, rec.args, rec.kwargs), "op")
+    body.append(f"_r = {fn}({', '.join(call_args)})")
+    _copy_fresh(body, namer, copy, rec)
+
+
+def _compile(source: str | CodeType, namer: _Namer, name: str) -> Callable[[], None]:
+    code = source if isinstance(source, CodeType) else compile(source, _FILENAME, "exec")
+    env = dict(namer.env)
+    exec(code, env)
+    fn: Callable[[], None] = env[name]
+    return fn
+
+
+_FILENAME = "<ascend_aclgraph twin replay>"
+
+
+@functools.lru_cache(maxsize=512)
+def _segment_code(source: str) -> CodeType:
+    # Updates record a task again at every step, and its source is mostly the same text (the
+    # values it binds differ, not their names): compiling costs far more than the lookup.
+    return compile(source, _FILENAME, "exec")
+
+
+def generate_replay(items: Sequence[OpRecord | Any]) -> tuple[Callable[[], None], str]:
+    """Compile ``items`` into a function that re-runs them in order; also return its source.
+
+    An item that is not an :class:`OpRecord` is an updatable task's segment: the function calls
+    its ``run()``, which replays the task's current ops (see :mod:`.segment`). Keeping those out
+    of the graph's own function lets an update replace them without generating it again.
+    """
     namer = _Namer()
     copy = namer.bind(torch.ops.aten.copy_.default._op, "copy")
     body: list[str] = []
-    for rec in records:
-        func = rec.func
-        if rec.updatable:
-            # The record's args are rewritten in place by task updates; read them at replay.
-            holder = namer.bind(rec, "task")
-            call_args = [f"*{holder}.args", f"**{holder}.kwargs"]
+    for item in items:
+        if isinstance(item, OpRecord):
+            _emit(body, namer, copy, item)
         else:
-            call_args = _call_args(namer, rec.args, rec.kwargs)
-        if rec.written or not rec.fresh:
-            # In-place and out= ops write their arguments: replay them exactly as called. One
-            # that also returns new tensors (a custom op with mutates_args, say) has those
-            # copied into the captured outputs, like a functional op without an out= overload.
-            fn = namer.bind(_entry(func, rec), "op")
-            if not rec.fresh:
-                body.append(f"    {fn}({', '.join(call_args)})")
-                continue
-            body.append(f"    _r = {fn}({', '.join(call_args)})")
-            _copy_fresh(body, namer, copy, rec)
-            continue
-        out_func = find_out_overload(func)
-        if out_func is not None and len(rec.fresh) == len(rec.outputs):
-            out_names = [a.name for a in out_func._schema.arguments if a.is_out]
-            out_kwargs = {n: rec.outputs[i] for i, n in enumerate(out_names)}
-            fn = namer.bind(
-                out_func._op
-                if rec.updatable
-                else fast_binding(out_func, rec.args, {**rec.kwargs, **out_kwargs}),
-                "op",
-            )
-            outs = [f"{n}={namer.bind(rec.outputs[i], 't')}" for i, n in enumerate(out_names)]
-            body.append(f"    {fn}({', '.join(call_args + outs)})")
-            continue
-        fn = namer.bind(_entry(func, rec), "op")
-        body.append(f"    _r = {fn}({', '.join(call_args)})")
-        _copy_fresh(body, namer, copy, rec)
+            body.append(f"{namer.bind(item, 'seg')}.run()")
     if not body:
-        body.append("    pass")
+        body.append("pass")
     # Replays are inference: out= ops refuse to run under grad mode when a weight requires grad.
     # Toggling the flag directly costs far less than entering torch.no_grad().
     grad = namer.bind(torch._C._set_grad_enabled, "grad")
@@ -225,11 +263,21 @@ def generate_replay(records: Sequence[OpRecord]) -> tuple[Callable[[], None], st
         f"    _prev = {is_grad}()\n"
         f"    {grad}(False)\n"
         "    try:\n"
-        + "\n".join("    " + line for line in body)
-        + f"\n    finally:\n        {grad}(_prev)\n"
+        + "".join(f"        {line}\n" for line in body)
+        + f"    finally:\n        {grad}(_prev)\n"
     )
-    code = compile(source, "<ascend_aclgraph twin replay>", "exec")
-    env = dict(namer.env)
-    exec(code, env)
-    replay: Callable[[], None] = env["replay"]
-    return replay, source
+    return _compile(source, namer, "replay"), source
+
+
+def generate_segment(records: Sequence[OpRecord]) -> tuple[Callable[[], None], str]:
+    """Compile the ops of one task segment; the graph's replay function calls the result.
+
+    It runs inside that function only, so grad mode is already off.
+    """
+    namer = _Namer()
+    copy = namer.bind(torch.ops.aten.copy_.default._op, "copy")
+    body: list[str] = []
+    for rec in records:
+        _emit(body, namer, copy, rec)
+    source = "def segment():\n" + "".join(f"    {line}\n" for line in body or ["pass"])
+    return _compile(_segment_code(source), namer, "segment"), source

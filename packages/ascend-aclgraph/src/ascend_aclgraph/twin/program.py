@@ -4,8 +4,9 @@ Three analyses run once, at the end of a capture:
 
 1. **What must re-run.** An op is *dynamic* if it reads an external storage (inputs, weights,
    KV caches: anything not created during capture), reads a dynamic storage, draws random
-   numbers, or is an updatable task. Views only alias memory and never re-run. Ops that built a
-   constant (say ``arange`` for a mask) are folded, unless a dynamic op later writes into what
+   numbers, or belongs to an updatable task's segment (see :mod:`.segment`). Views only alias
+   memory and never re-run. Ops that built a constant (say ``arange`` for a mask) are folded,
+   unless a dynamic op later writes into what
    they built, or any op writes it after a re-run op read it (``mask.tril_()`` after a dynamic
    op used the full mask); then they re-run too, so that each replayed op reads the value it
    read at capture.
@@ -20,7 +21,9 @@ Three analyses run once, at the end of a capture:
    tensors). So once nothing outside the twin views an output, its storage dies and a later
    capture may reuse the block, as a device allocator reuses a freed output block: outputs are
    valid until the next replay of another graph of the pool. A storage that something outside
-   the graph still holds (a temporary the model kept) keeps its own memory.
+   the graph still holds (a temporary the model kept) keeps its own memory. A task's segment
+   is one step of the plan, touching all its arguments and results whatever its ops read at
+   capture, since an update may record ops that read any of them.
 """
 
 from __future__ import annotations
@@ -29,25 +32,23 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.twin.codegen import generate_replay
-from ascend_aclgraph.twin.recorder import OpRecord, storage_key
+from ascend_aclgraph.twin.recorder import EMPTY_FACTORIES, OpRecord, storage_key
 
-__all__ = ["TwinPool", "TwinProgram", "build_program"]
+if TYPE_CHECKING:
+    from ascend_aclgraph.twin.segment import TaskSegment
 
-_EMPTY_FACTORIES = {
-    "aten::empty",
-    "aten::empty_strided",
-    "aten::empty_like",
-    "aten::new_empty",
-    "aten::new_empty_strided",
-}
+__all__ = ["TwinPool", "TwinProgram", "build_program", "check_untracked_writes"]
+
 _ALIGN = 64
+# What the replay runs, in order: recorded ops, and the segments of updatable tasks.
+_Item: TypeAlias = "OpRecord | TaskSegment"
 
 
 class TwinPool:
@@ -110,26 +111,22 @@ class TwinProgram:
     own_bytes: int
 
 
-def _needs_compute(rec: OpRecord) -> bool:
-    if rec.func._schema.name in _EMPTY_FACTORIES and not rec.written:
-        return False  # contents of `empty` are undefined; nothing to recompute
-    return bool(rec.fresh or rec.written)
-
-
 def _write_keys(rec: OpRecord) -> set[int]:
     keys = {storage_key(rec.outputs[i]) for i in rec.fresh}
     keys.update(storage_key(t) for t in rec.written)
     return keys
 
 
-def _select_replayed(records: Sequence[OpRecord], internal: dict[int, Any]) -> list[OpRecord]:
+def _select_replayed(
+    records: Sequence[OpRecord], internal: dict[int, Any], in_task: set[int]
+) -> list[OpRecord]:
     dynamic_keys: set[int] = set()
     dynamic_recs: set[int] = set()
     for i, rec in enumerate(records):
-        if not _needs_compute(rec):
+        if not rec.computes():
             continue
         is_dynamic = (
-            rec.updatable
+            id(rec) in in_task
             or torch.Tag.nondeterministic_seeded in rec.func.tags
             or any(
                 k not in internal or k in dynamic_keys for k in map(storage_key, rec.read_tensors())
@@ -140,13 +137,13 @@ def _select_replayed(records: Sequence[OpRecord], internal: dict[int, Any]) -> l
             dynamic_keys |= _write_keys(rec)
     writers: dict[int, list[int]] = {}  # storage -> positions of the ops writing it, in order
     for i, rec in enumerate(records):
-        if _needs_compute(rec):
+        if rec.computes():
             for key in _write_keys(rec):
                 writers.setdefault(key, []).append(i)
     replayed = {
         i
         for i, rec in enumerate(records)
-        if _needs_compute(rec) and (i in dynamic_recs or _write_keys(rec) & dynamic_keys)
+        if rec.computes() and (i in dynamic_recs or _write_keys(rec) & dynamic_keys)
     }
     _rebuild_mutated_constants(records, internal, writers, replayed)
     return [records[i] for i in sorted(replayed)]
@@ -181,12 +178,13 @@ def _rebuild_mutated_constants(
                     pending.append(j)
 
 
-def _check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.Tensor]) -> None:
+def check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.Tensor]) -> None:
+    """Refuse a storage from ``empty`` that is read (or an output) but no recorded op wrote."""
     from_empty: dict[int, OpRecord] = {}
     written: set[int] = set()
     read: set[int] = {storage_key(t) for t in outputs}
     for rec in records:
-        if rec.func._schema.name in _EMPTY_FACTORIES:
+        if rec.func._schema.name in EMPTY_FACTORIES:
             from_empty.update((storage_key(rec.outputs[i]), rec) for i in rec.fresh)
         written.update(storage_key(t) for t in rec.written)
         read.update(storage_key(t) for t in rec.read_tensors() if t.numel())
@@ -263,38 +261,59 @@ def build_program(
     pool: TwinPool,
     outputs: Sequence[torch.Tensor] | None,
     keep_alive: Iterable[Any] = (),
+    segments: Sequence[TaskSegment] = (),
 ) -> TwinProgram:
     """Analyse ``records`` and produce the replay program (see the module docstring).
 
     ``outputs`` are the graph's declared outputs; when it is ``None`` nothing is known about
-    what the caller keeps, so no storage is moved into the shared pool.
+    what the caller keeps, so no storage is moved into the shared pool. ``segments`` are the
+    updatable tasks' segments, holding their records among ``records``; each is installed with
+    its ops to replay.
     """
-    _check_untracked_writes(records, outputs or ())
-    replayed = _select_replayed(records, internal)
+    check_untracked_writes(records, outputs or ())
+    segment_of = {id(rec): seg for seg in segments for rec in seg.records}
+    replayed = _select_replayed(records, internal, set(segment_of))
+    items, segment_ops = _replay_items(records, replayed, segments, segment_of)
 
     tensors_by_key: dict[int, list[torch.Tensor]] = {}
     seen: set[int] = set()
-    for rec in records:
-        for t in (*rec.read_tensors(), *rec.outputs):
-            if id(t) not in seen:
-                seen.add(id(t))
-                tensors_by_key.setdefault(storage_key(t), []).append(t)
+    for t in (
+        *(t for rec in records for t in (*rec.read_tensors(), *rec.outputs)),
+        *(t for seg in segments for t in seg.tensors()),
+    ):
+        if id(t) not in seen:
+            seen.add(id(t))
+            tensors_by_key.setdefault(storage_key(t), []).append(t)
 
     written_live = {k for rec in replayed for k in _write_keys(rec)} & internal.keys()
     planned: set[int] = set()
     if outputs is not None:
         candidates = {k for k in written_live if internal[k].nbytes() > 0}
         output_keys = {storage_key(t) for t in outputs}
-        ours = _count_our_references(records, [outputs, *keep_alive, *tensors_by_key.values()])
+        ours = _count_our_references(
+            records,
+            [
+                outputs,
+                *keep_alive,
+                *(c for seg in segments for c in seg.containers()),
+                *tensors_by_key.values(),
+            ],
+        )
         held = _possibly_held(tensors_by_key, candidates - output_keys, ours)
         planned = candidates - held
     else:
         output_keys = set()
 
-    assigned = _plan_and_rebind(replayed, planned, output_keys, internal, tensors_by_key, pool)
+    steps = [_touched(item, segment_ops) for item in items]
+    assigned, private = _plan_and_rebind(
+        steps, planned, output_keys, internal, tensors_by_key, pool
+    )
+    _use_private_views(replayed, segments, private)
     planned_bytes = sum(internal[k].nbytes() for k in assigned)
     own_bytes = sum(s.nbytes() for k, s in internal.items() if k not in assigned)
-    replay, source = generate_replay(replayed)
+    for seg in segments:
+        seg.install(segment_ops[id(seg)])
+    replay, source = generate_replay(items)
     return TwinProgram(
         replay=replay,
         source=source,
@@ -305,26 +324,67 @@ def build_program(
     )
 
 
-def _plan_and_rebind(
+def _replay_items(
+    records: Sequence[OpRecord],
     replayed: Sequence[OpRecord],
+    segments: Sequence[TaskSegment],
+    segment_of: dict[int, TaskSegment],
+) -> tuple[list[_Item], dict[int, list[OpRecord]]]:
+    """What the replay runs in order, and per segment (by id) the ops it replays.
+
+    A segment takes the place of its records, at the index where they begin, even when none of
+    them computes anything: an update may record ops that do.
+    """
+    segment_ops: dict[int, list[OpRecord]] = {id(seg): [] for seg in segments}
+    chosen = {id(rec) for rec in replayed}
+    starting: dict[int, list[TaskSegment]] = {}
+    for seg in segments:
+        starting.setdefault(seg.start, []).append(seg)
+    items: list[_Item] = []
+    for i in range(len(records) + 1):
+        items.extend(starting.get(i, ()))
+        if i == len(records) or id(records[i]) not in chosen:
+            continue
+        owner = segment_of.get(id(records[i]))
+        if owner is None:
+            items.append(records[i])
+        else:
+            segment_ops[id(owner)].append(records[i])
+    return items, segment_ops
+
+
+def _touched(item: _Item, segment_ops: dict[int, list[OpRecord]]) -> list[torch.Tensor]:
+    """The tensors one replay step reads or writes."""
+    if isinstance(item, OpRecord):
+        return [*item.read_tensors(), *item.outputs]
+    ops = segment_ops[id(item)]
+    return [*(t for rec in ops for t in (*rec.read_tensors(), *rec.outputs)), *item.tensors()]
+
+
+def _plan_and_rebind(
+    steps: Sequence[Sequence[torch.Tensor]],
     planned: set[int],
     output_keys: set[int],
     internal: dict[int, torch.UntypedStorage],
     tensors_by_key: dict[int, list[torch.Tensor]],
     pool: TwinPool,
-) -> set[int]:
-    """Give every planned storage a pool block free for its whole lifetime; rebind its tensors."""
+) -> tuple[set[int], dict[int, torch.Tensor]]:
+    """Give every planned storage a pool block free for its whole lifetime; rebind its tensors.
+
+    ``steps`` holds the tensors each replay step touches, in order. Returns the planned storages
+    and, by tensor id, the program's private views of the outputs' memory.
+    """
     if not planned:
-        return set()
+        return set(), {}
     first: dict[int, int] = {}
     last: dict[int, int] = {}
-    for i, rec in enumerate(replayed):
-        for t in (*rec.read_tensors(), *rec.outputs):
+    for i, touched in enumerate(steps):
+        for t in touched:
             k = storage_key(t)
             if k in planned:
                 first.setdefault(k, i)
                 last[k] = i
-    end = len(replayed)
+    end = len(steps)
     for k in planned & output_keys:
         last[k] = end
     # Storages that no replayed op touches (written only by folded ops) keep their memory.
@@ -365,16 +425,17 @@ def _plan_and_rebind(
                 block, t.storage_offset(), t.size(), t.stride()
             )
             t.set_(storage, t.storage_offset(), t.size(), t.stride())
-    _use_private_views(replayed, private)
-    return set(assignment)
+    return set(assignment), private
 
 
 def _as_bytes(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,), (1,))
 
 
-def _use_private_views(records: Sequence[OpRecord], private: dict[int, torch.Tensor]) -> None:
-    """Make ``records`` reach the output blocks through the program's own views.
+def _use_private_views(
+    records: Sequence[OpRecord], segments: Sequence[TaskSegment], private: dict[int, torch.Tensor]
+) -> None:
+    """Make ``records`` and ``segments`` reach the output blocks through the program's own views.
 
     The tensors the caller gets (and any view of them) are then the only ones on the outputs'
     storages, so those storages die, and the pool may reuse their blocks, exactly when nothing
@@ -400,3 +461,5 @@ def _use_private_views(records: Sequence[OpRecord], private: dict[int, torch.Ten
         rec.kwargs = swap(rec.kwargs)
         rec.outputs = swap(rec.outputs)
         rec.written = swap(rec.written)
+    for seg in segments:
+        seg.rebind(swap)

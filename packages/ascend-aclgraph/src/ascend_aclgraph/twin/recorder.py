@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,9 +12,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.capture_guard import check_capturable, user_frame
 from ascend_aclgraph.errors import CaptureError
-from ascend_aclgraph.twin.python_body import has_python_body
+from ascend_aclgraph.twin.python_body import python_body_keys, run_python_body
 
-__all__ = ["OpRecord", "Recorder", "iter_tensors", "storage_key"]
+__all__ = [
+    "EMPTY_FACTORIES",
+    "OpRecord",
+    "Recorder",
+    "freeze",
+    "iter_tensors",
+    "storage_key",
+    "written_args",
+]
+
+# Factories whose result holds undefined values until an op writes it.
+EMPTY_FACTORIES = {
+    "aten::empty",
+    "aten::empty_strided",
+    "aten::empty_like",
+    "aten::new_empty",
+    "aten::new_empty_strided",
+}
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -42,16 +60,16 @@ def _tensor_paths(value: Any, prefix: tuple[int, ...] = ()) -> Iterator[tuple[in
             yield from _tensor_paths(item, (*prefix, i))
 
 
-def _freeze(value: Any) -> Any:
+def freeze(value: Any) -> Any:
     """Copy host-side containers so later caller mutation cannot change what was recorded.
 
     This copy is what makes host arguments "baked into the graph", as on a device, and what
     makes an updatable task's rewrite a real change to the recorded op.
     """
     if isinstance(value, list):
-        return [_freeze(v) for v in value]
+        return [freeze(v) for v in value]
     if isinstance(value, tuple):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     return value
 
 
@@ -69,30 +87,42 @@ class OpRecord:
     # Tensor arguments the op writes to (per its schema's alias annotations).
     written: list[torch.Tensor]
     location: str = ""
-    # Set for updatable tasks: codegen then reads args/kwargs from the record at each replay.
-    updatable: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def read_tensors(self) -> Iterator[torch.Tensor]:
         yield from iter_tensors(self.args)
         yield from iter_tensors(self.kwargs)
 
+    def computes(self) -> bool:
+        """Whether replaying the op writes memory (views only alias; ``empty`` is undefined)."""
+        if self.func._schema.name in EMPTY_FACTORIES and not self.written:
+            return False  # contents of `empty` are undefined; nothing to recompute
+        return bool(self.fresh or self.written)
 
-def _written_args(
-    func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
+
+@functools.cache
+def _written_positions(func: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    # Cached: reading a schema from Python builds its argument objects anew each time.
+    return tuple(
+        (i, arg.name)
+        for i, arg in enumerate(func._schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    )
+
+
+def written_args(
+    func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]
 ) -> list[torch.Tensor]:
+    """The tensor arguments ``func`` writes, per its schema's alias annotations."""
     written: list[torch.Tensor] = []
-    for i, arg in enumerate(func._schema.arguments):
-        info = arg.alias_info
-        if info is None or not info.is_write:
-            continue
-        value = kwargs[arg.name] if arg.name in kwargs else (args[i] if i < len(args) else None)
+    for i, name in _written_positions(func):
+        value = kwargs[name] if name in kwargs else (args[i] if i < len(args) else None)
         written.extend(iter_tensors(value))
     return written
 
 
-# Where a Python-bodied custom op's body runs: the twin captures CPU tensors only.
-_CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+# The twin captures CPU tensors: a Python-bodied op with no tensor argument runs its CPU body.
+_CPU = torch.device("cpu")
 
 
 class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -104,8 +134,8 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
     Custom ops with a Python body (see :mod:`.python_body`) are not recorded themselves: their
     body runs with the recorder active, so the ops it calls are checked and recorded, and host
     values it reads (globals, a forward context) are baked in as a device graph bakes them. An
-    updatable task is the exception: it stays one recorded op, whose body replays with the
-    task's current arguments, as a device task update re-issues the op.
+    updatable task is no exception: :meth:`run_task` returns its recorded ops, the task's
+    segment, which an update replaces by recording the body again (see :mod:`.segment`).
     """
 
     def __init__(self) -> None:
@@ -113,13 +143,10 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.records: list[OpRecord] = []
         # Storages created by recorded ops (everything else is external: inputs, weights, caches).
         self.internal: dict[int, torch.UntypedStorage] = {}
-        self._next_updatable = False
-        # Non-zero while the body of an updatable task runs: its ops are checked, not recorded.
-        self._checking_only = 0
-
-    def expect_updatable(self) -> None:
-        """Mark the next recorded op as an updatable task."""
-        self._next_updatable = True
+        # While run_task waits for its op: the op, then whether it reached this mode as itself.
+        self._task_op: torch._ops.OpOverload | None = None
+        self._task_reached = False
+        self.in_task = False
 
     def __torch_dispatch__(
         self,
@@ -129,11 +156,12 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        updatable = self._next_updatable
-        self._next_updatable = False
-        python_body = has_python_body(func)
-        if python_body and not updatable:
-            return self._run_body(func, args, kwargs)
+        if self._task_op is not None:
+            self._task_reached = func is self._task_op
+            self._task_op = None
+        keys = python_body_keys(func, args, kwargs, _CPU)
+        if keys is not None:
+            return run_python_body(self, func, keys, args, kwargs)
         check_capturable(func, args, kwargs)
         for t in iter_tensors(args):
             if t.layout is not torch.strided:
@@ -141,36 +169,46 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
                     f"cannot capture {func} at {user_frame()}: the cpu twin records strided "
                     f"tensors only, got layout {t.layout}"
                 )
-        if self._checking_only:
-            return func(*args, **kwargs)
-        if not python_body:
-            return self._record(func, args, kwargs, updatable=updatable, run_body=False)
-        self._checking_only += 1
-        try:
-            return self._record(func, args, kwargs, updatable=True, run_body=True)
-        finally:
-            self._checking_only -= 1
+        return self._record(func, args, kwargs)
 
-    def _run_body(
-        self, func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        # Straight to the CPU kernel, below this mode, with this mode pushed again: the ops the
-        # Python body calls dispatch back here. (Calling ``func`` with the mode popped, as for
-        # any other op, would run the body unseen.)
-        with self:
-            return func.redispatch(_CPU_KERNEL, *args, **kwargs)
+    def run_task(
+        self, op: Any, args: Sequence[Any], kwargs: dict[str, Any], what: str
+    ) -> tuple[Any, list[OpRecord]]:
+        """Run updatable task ``op`` (named ``what`` in errors): its result, and its records.
+
+        The records are the task's segment: the op itself if its kernel is C++, else the ops of
+        its Python body. A task must reach the dispatcher as itself; a composite decomposes
+        before any dispatch mode sees it, leaving no operator to rewrite.
+        """
+        if self.in_task:
+            raise CaptureError(
+                f"{what} at {user_frame()} runs inside another updatable task's op; an update "
+                "re-records the outer task's body, so only the outer op can be updatable"
+            )
+        before = len(self.records)
+        self._task_op, self._task_reached = op, False
+        self.in_task = True
+        try:
+            result = op(*args, **kwargs)
+        finally:
+            self._task_op = None
+            self.in_task = False
+        recorded = self.records[before:]
+        if not self._task_reached:
+            names = ", ".join(str(rec.func) for rec in recorded) or "none"
+            raise CaptureError(
+                f"{what} dispatched {len(recorded)} operator(s) ({names}) without reaching the "
+                "dispatcher as itself; an updatable op must be a single operator (an aten op or "
+                "a torch.library custom op, not a composite that decomposes), since that "
+                "operator is the task whose arguments get rewritten"
+            )
+        return result, recorded
 
     def _record(
-        self,
-        func: torch._ops.OpOverload,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        *,
-        updatable: bool,
-        run_body: bool,
+        self, func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         input_keys = {storage_key(t) for t in iter_tensors((args, kwargs))}
-        result = self._run_body(func, args, kwargs) if run_body else func(*args, **kwargs)
+        result = func(*args, **kwargs)
         outputs = list(iter_tensors(result))
         fresh: list[int] = []
         for i, out in enumerate(outputs):
@@ -181,12 +219,11 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.records.append(
             OpRecord(
                 func=func,
-                args=_freeze(args),
-                kwargs={k: _freeze(v) for k, v in kwargs.items()},
+                args=freeze(args),
+                kwargs={k: freeze(v) for k, v in kwargs.items()},
                 outputs=outputs,
                 fresh=fresh,
-                written=_written_args(func, args, kwargs),
-                updatable=updatable,
+                written=written_args(func, args, kwargs),
                 extra={"result_paths": list(_tensor_paths(result))},
             )
         )

@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.errors import CaptureError
+from ascend_aclgraph.twin.python_body import python_body_keys, run_python_body
 
 __all__ = [
     "CaptureGuardMode",
@@ -286,6 +287,11 @@ class CaptureGuardMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
     The CPU twin's recorder performs the same checks itself. On a device the check turns a
     late, cryptic driver error (or a silently baked value) into a ``CaptureError`` with the
     user's file and line.
+
+    Like the recorder, it looks inside custom ops whose kernel for the tensors' device is a
+    Python function (:mod:`ascend_aclgraph.twin.python_body`): the kernels such a body launches
+    are captured into the graph, so the ops it calls are checked; a C++ kernel is checked as
+    one op.
     """
 
     def __torch_dispatch__(
@@ -296,5 +302,8 @@ class CaptureGuardMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        keys = python_body_keys(func, args, kwargs)
+        if keys is not None:
+            return run_python_body(self, func, keys, args, kwargs)
         check_capturable(func, args, kwargs)
         return func(*args, **kwargs)

@@ -10,6 +10,7 @@ multi-GB CUDA build.
     nox -s bench-aclgraph     # prints a table, saves a plot under bench-results/
     nox -s bench-npugraph-ex  # fusion effect per layer and step times (CPU: 1 thread, medians)
     nox -s bench-graph-modes  # eager vs FULL vs PIECEWISE vs FULL_AND_PIECEWISE (torch.compile)
+    nox -s gpu                # CUDA machine: cuda tests + GPU benchmarks; installs nothing
     nox -s demo               # the main job of the README
 """
 
@@ -164,3 +165,17 @@ def bench_npugraph_ex(session: nox.Session) -> None:
 def bench_graph_modes(session: nox.Session) -> None:
     """Graph modes through the aclgraph torch.compile backend: step time, graphs, capture time."""
     _run_benchmark(session, "bench_graph_modes.py")
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """On a CUDA machine: the cuda tests and GPU benchmarks, with the torch already installed.
+
+    GPU machines have torch, triton and pytest preinstalled and no network, so this session
+    creates no virtualenv and installs nothing: benchmarks/gpu_check.py puts the packages on the
+    path from source. It runs under ``python3`` from PATH (the interpreter that has torch, not
+    necessarily nox's own); without nox, run ``python3 benchmarks/gpu_check.py`` directly.
+    """
+    session.run(
+        "python3", str(ROOT / "benchmarks" / "gpu_check.py"), *session.posargs, external=True
+    )

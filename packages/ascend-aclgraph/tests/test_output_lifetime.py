@@ -13,7 +13,6 @@ their own way, so the exact overlap is a twin-only assertion.
 from __future__ import annotations
 
 import ascend_aclgraph as ag
-import pytest
 import torch
 from ascend_aclgraph.testing import Qwen3Config, Qwen3Decoder
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -193,11 +192,6 @@ def test_full_graphs_of_all_sizes_share_one_working_set() -> None:
     assert all_sizes.nbytes < 1.1 * largest_only.nbytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture() keeps every size's outputs strongly (standalone.py _SizeEntry.captured "
-    "and flat_outputs); holding them through weak_ref_tensors, as GraphWrapper does, fixes it",
-)
 def test_capture_api_pool_is_one_working_set_for_all_sizes() -> None:
     def pool(sizes: list[int]) -> ag.GraphPool:
         model = Qwen3Decoder(Qwen3Config.small())

@@ -30,19 +30,18 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ascend_aclgraph import tasks
-from ascend_aclgraph.backends import GraphBackend, get_backend
+from ascend_aclgraph.backends import Graph, GraphBackend, get_backend
 from ascend_aclgraph.batch_layout import BatchLayout, PadValues, layout_for_callable
 from ascend_aclgraph.capture_sizes import CaptureSizes
 from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.graph_capture import (
-    CapturedGraph,
     CaptureFailures,
     FailurePolicy,
     capture_callable,
+    weak_ref_tensors,
 )
 from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs, resolve_batch_dims
 from ascend_aclgraph.stats import GraphStats
-from ascend_aclgraph.wrapper import update_graph_tasks
 
 __all__ = ["CapturedCallable", "capture"]
 
@@ -52,9 +51,20 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _SizeEntry:
     size: int
-    captured: CapturedGraph | None
+    graph: Graph | None
+    # Non-owning views of the graph's outputs: valid until the next replay in the pool.
     flat_outputs: list[Any]
     spec: TreeSpec | None
+
+
+@dataclass
+class _CallPlan:
+    """Everything a call of batch size ``n`` needs, worked out once (slicing, lookups)."""
+
+    entry: _SizeEntry
+    outputs: list[Any]
+    # The output is one tensor: return it without a pytree round trip.
+    single: bool
 
 
 def _progress(total: int, enabled: bool | None, desc: str) -> Any:
@@ -124,9 +134,9 @@ class CapturedCallable:
         self._cut = OutputCutter(self.layout.outputs)
         self._warned_uncaptured = False
         self._entries: dict[int, _SizeEntry] = {}
-        # Output views per batch size, made once: slicing a tensor costs as much as a small
-        # kernel launch, and these are on every call's path.
-        self._output_views: dict[int, list[Any]] = {}
+        # Per batch size: its graph and output views, made once. Slicing a tensor costs as much
+        # as a small kernel launch, and these are on every call's path.
+        self._plans: dict[int, _CallPlan | None] = {}
         self._capture_all(num_warmups, progress)
 
     # --- construction -----------------------------------------------------------------------
@@ -162,27 +172,28 @@ class CapturedCallable:
         except Exception as exc:
             self._failures.handle(exc, f"batch size {size}")
             return _SizeEntry(size, None, [], None)
-        flat, spec = tree_flatten(captured.outputs)
+        # Held weakly, as vLLM's wrapper holds them: the pool may reuse the memory of outputs
+        # nobody holds, and each replay rewrites them.
+        flat, spec = tree_flatten(weak_ref_tensors(captured.outputs))
         self.stats.record_capture(size, captured.seconds)
-        return _SizeEntry(size, captured, flat, spec)
+        return _SizeEntry(size, captured.graph, flat, spec)
 
     # --- calls ------------------------------------------------------------------------------
 
     @property
     def graphs(self) -> dict[int, Any]:
         """Captured graph per batch size (sizes whose capture failed are absent)."""
-        return {s: e.captured.graph for s, e in self._entries.items() if e.captured is not None}
+        return {s: e.graph for s, e in self._entries.items() if e.graph is not None}
 
-    def _outputs_for(self, n: int, entry: _SizeEntry) -> list[Any]:
-        outs = self._output_views.get(n)
-        if outs is None:
-            outs = self._output_views[n] = self._cut(entry.flat_outputs, n, entry.size)
-        return outs
-
-    def _padded_size(self, n: int) -> int | None:
-        if self.exact_sizes:
-            return n if n in self._entries else None
-        return self.sizes.pad(n)
+    def _plan(self, n: int) -> _CallPlan | None:
+        """The plan of batch size ``n``, or None when it runs eagerly."""
+        size = (n if n in self._entries else None) if self.exact_sizes else self.sizes.pad(n)
+        entry = self._entries.get(size) if size is not None else None
+        if entry is None or entry.graph is None:
+            return None
+        outputs = self._cut(entry.flat_outputs, n, entry.size)
+        assert entry.spec is not None
+        return _CallPlan(entry, outputs, entry.spec.is_leaf())
 
     def __call__(self, *args: Any, task_args: dict[str, Any] | None = None) -> Any:
         """Run one batch: replay the graph of the next capture size up, or run eagerly.
@@ -193,33 +204,41 @@ class CapturedCallable:
         """
         inputs = self._inputs
         n = inputs.batch_size(args)
-        size = self._padded_size(n)
         with self._lock:
-            entry = self._entries.get(size) if size is not None else None
-            if entry is None or entry.captured is None:
-                self._run_eagerly_note(n, size)
+            try:
+                plan = self._plans[n]
+            except KeyError:
+                plan = self._plans[n] = self._plan(n)
+            if plan is None:
+                self._run_eagerly_note(n)
                 with torch.no_grad(), tasks.task_overrides(task_args or {}):
                     return self.fn(*args)
-            assert size is not None
+            entry = plan.entry
+            graph = entry.graph
+            assert graph is not None
             moved = inputs.moved_state(args)
             if moved is not None:
                 raise GraphInputError(moved)
             inputs.check_host(args)
-            inputs.copy_in(args, n, size)
-            graph = entry.captured.graph
+            inputs.copy_in(args, n, entry.size)
             if task_args:
-                update_graph_tasks(graph, _pad_task_args(task_args, n, entry.size))
-            graph.replay()
+                graph.replay(graph.updates_for(_pad_task_args(task_args, n, entry.size)))
+            else:
+                graph.replay()
             inputs.copy_back(args, n)
             self.stats.replays += 1
-            outs = self._outputs_for(n, entry)
-            if self.clone_outputs:
+            clone = self.clone_outputs
+            if plan.single:
+                out = plan.outputs[0]
+                return out.clone() if clone and isinstance(out, torch.Tensor) else out
+            outs = plan.outputs
+            if clone:
                 outs = [t.clone() if isinstance(t, torch.Tensor) else t for t in outs]
             assert entry.spec is not None
             return tree_unflatten(outs, entry.spec)
 
-    def _run_eagerly_note(self, n: int, size: int | None) -> None:
-        if size is not None:
+    def _run_eagerly_note(self, n: int) -> None:
+        if n <= self.sizes.max_size and not self.exact_sizes:
             return  # that size's capture failed; CaptureFailures already said so
         self.stats.eager_fallbacks += 1
         if self.exact_sizes and n <= self.sizes.max_size and not self._warned_uncaptured:

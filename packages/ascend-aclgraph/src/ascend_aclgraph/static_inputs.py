@@ -122,6 +122,14 @@ class StaticBatchInputs:
             buf.narrow(spec.dim, 0, n).copy_(arg.narrow(spec.dim, 0, n))
             self.static.append(buf)
         self._state_static = [self.static[i] for i in self._state]
+        # Per batched input: rows [0, dirty) may hold real data (the rest hold padding). A graph
+        # that writes the input may dirty any row, so such inputs count as dirty everywhere.
+        self._dirty = [
+            max_size
+            if self.specs[i].written
+            else min(sample_args[i].shape[self.specs[i].dim], max_size)  # type: ignore[index]
+            for i in self._batched
+        ]
         # Views per size, made once: slicing costs as much as a small kernel launch and these
         # are on every call's path; graphs also need the *same* view objects each replay.
         self._args: dict[int, tuple[Any, ...]] = {}
@@ -222,23 +230,34 @@ class StaticBatchInputs:
         Callers check :meth:`moved_state` and :meth:`check_host` first.
         """
         views = self._views(n)
+        dirty = self._dirty
         for k, i in enumerate(self._batched):
-            arg, spec = args[i], self.specs[i]
+            arg = args[i]
             view = views[k]
             if arg.dtype != view.dtype or arg.shape != view.shape:
-                static = self.static[i]
-                dim = spec.dim
-                assert dim is not None
-                expected = static.shape[:dim] + static.shape[dim + 1 :]
-                got = arg.shape[:dim] + arg.shape[dim + 1 :]
-                raise GraphInputError(
-                    f"{_label(i, spec)}: captured non-batch shape {tuple(expected)} and dtype "
-                    f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
-                )
+                self._raise_shape(i, arg)
             view.copy_(arg)
-            if size > n and spec.pad_value is not None:
-                self._pad_view(n, size, k).fill_(spec.pad_value)
+            # Rows [n, dirty[k]) may hold an earlier call's real rows: pad them again. Rows past
+            # that still hold padding, unless the graph itself writes this input.
+            if size > n and dirty[k] > n:
+                pad = self.specs[i].pad_value
+                if pad is not None:
+                    self._pad_view(n, min(size, dirty[k]), k).fill_(pad)
+                dirty[k] = n if dirty[k] <= size and not self.specs[i].written else dirty[k]
+            elif n > dirty[k]:
+                dirty[k] = n
         return self.args_for(size)
+
+    def _raise_shape(self, i: int, arg: Any) -> None:
+        spec, static = self.specs[i], self.static[i]
+        dim = spec.dim
+        assert dim is not None
+        expected = static.shape[:dim] + static.shape[dim + 1 :]
+        got = arg.shape[:dim] + arg.shape[dim + 1 :]
+        raise GraphInputError(
+            f"{_label(i, spec)}: captured non-batch shape {tuple(expected)} and dtype "
+            f"{static.dtype}, got {tuple(got)} and {arg.dtype}"
+        )
 
     def copy_back(self, args: Sequence[Any], n: int) -> None:
         """Copy the real rows of batched inputs the graph wrote back into the caller's tensors."""

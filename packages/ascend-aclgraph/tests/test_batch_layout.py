@@ -322,3 +322,14 @@ def test_compiled_state_tensor_at_a_new_address_runs_eagerly_and_says_so_once(
         assert torch.equal(other, torch.full((3,), 2.0))  # written, as eagerly
         assert torch.equal(state, torch.full((3,), 2.0))  # the captured one left alone
     assert caplog.text.count("must keep their address") == 1
+
+
+def test_padding_rows_are_refilled_after_a_larger_batch_left_real_rows_there() -> None:
+    step = ag.capture(lambda a: a + 0, (torch.zeros(8),), batch_sizes=[4, 8], pad_value=-1)
+    static = step._inputs.static[0]
+    for n, size in [(7, 8), (2, 4), (3, 4), (3, 4), (6, 8), (1, 4)]:
+        out = step(torch.arange(1.0, n + 1))
+        assert torch.equal(out, torch.arange(1.0, n + 1))
+        # What the graph read: the real rows, then pad values up to its size.
+        assert torch.equal(static[:n], torch.arange(1.0, n + 1))
+        assert torch.equal(static[n:size], torch.full((size - n,), -1.0)), (n, size)

@@ -142,9 +142,10 @@ class CpuTwinBackend(GraphBackend):
         if recorder is None:
             raise CaptureError("updatable op outside an active cpu-twin capture")
         check_updatable_op(op, task.describe(), self.name)
+        assert isinstance(op, torch._ops.OpOverload)  # only operators have a mutable schema
         start = len(recorder.records)
         result, records = recorder.run_task(op, args, kwargs, task.describe())
-        task.handle = TaskSegment(task, op, args, kwargs, result, records, start)  # type: ignore[arg-type]
+        task.handle = TaskSegment(task, op, args, kwargs, result, records, start)
         return result
 
     def update_host_args(self, task: UpdatableTask, changes: dict[str, Any]) -> None:

@@ -185,7 +185,7 @@ def _is_composite(func: torch._ops.OpOverload) -> bool:
     found = _composite_cache.get(func)
     if found is None:
         found = torch._C._dispatch_has_kernel_for_dispatch_key(
-            func.name(), "CompositeImplicitAutograd"
+            func._name, "CompositeImplicitAutograd"
         )
         _composite_cache[func] = found
     return found

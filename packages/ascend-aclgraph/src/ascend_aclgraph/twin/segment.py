@@ -19,6 +19,12 @@ must keep their storage and shape; the tensors it returns are copied into those 
 capture, and must keep their shapes and dtypes. An update that breaks this, or whose body now
 syncs with the host, is refused with a :class:`~ascend_aclgraph.errors.TaskUpdateError`; the
 task keeps the arguments and the segment of its last successful update.
+
+The memory plan keeps a task's arguments and results, and whatever its ops read at capture,
+alive at the task's step. A tensor that the body reaches only through a global, and reads at an
+update but did not at capture, is taken as it is: should it be a temporary of the same graph,
+the plan did not reserve it there (vLLM's forward context holds persistent buffers, made before
+any capture, which the plan never touches).
 """
 
 from __future__ import annotations

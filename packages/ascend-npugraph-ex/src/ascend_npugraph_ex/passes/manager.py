@@ -6,7 +6,7 @@ import hashlib
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -14,14 +14,15 @@ import torch
 from torch import fx
 
 from ascend_npugraph_ex.passes import activation, fx_utils, norm, rope
+from ascend_npugraph_ex.passes.fx_utils import FusionPass, SkippedMatch
 
-__all__ = ["FUSIONS", "FusionReport", "PassManager"]
+__all__ = ["FUSIONS", "FusionReport", "PassManager", "SkippedMatch"]
 
 logger = logging.getLogger(__name__)
 
 # Order matters: add+RMSNorm must claim its norms before plain RMSNorm does, and
 # qk_norm_rope works on the rms_norm and rotary ops the earlier passes produced.
-FUSIONS: dict[str, Callable[[fx.Graph], int]] = {
+FUSIONS: dict[str, FusionPass] = {
     "add_rms_norm": norm.fuse_add_rms_norm,
     "rms_norm": norm.fuse_rms_norm,
     "swiglu": activation.fuse_swiglu,
@@ -32,7 +33,12 @@ FUSIONS: dict[str, Callable[[fx.Graph], int]] = {
 
 @dataclass(frozen=True)
 class FusionReport:
-    """What the pass manager did to one graph."""
+    """What the pass manager did to one graph.
+
+    ``skipped`` lists the candidates a fusion recognised but left alone, each with the reason
+    (an intermediate used elsewhere, a layout the fused op would change, an error while building
+    the replacement, ...): a failed match never aborts a compile, it shows up here instead.
+    """
 
     counts: Mapping[str, int]
     nodes_before: int
@@ -41,6 +47,7 @@ class FusionReport:
     launches_after: int = 0
     graph_id: int = 0
     enabled: tuple[str, ...] = field(default=())
+    skipped: tuple[SkippedMatch, ...] = field(default=())
 
     @property
     def total(self) -> int:
@@ -49,7 +56,10 @@ class FusionReport:
 
     def __str__(self) -> str:
         fired = ", ".join(f"{k}={v}" for k, v in self.counts.items())
-        return f"graph {self.graph_id}: {fired} ({self.nodes_before} -> {self.nodes_after} nodes)"
+        text = f"graph {self.graph_id}: {fired} ({self.nodes_before} -> {self.nodes_after} nodes)"
+        if self.skipped:
+            text += f", {len(self.skipped)} skipped (reasons at DEBUG level)"
+        return text
 
 
 def _call_nodes(graph: fx.Graph) -> int:
@@ -91,8 +101,9 @@ class PassManager:
         graph = gm.graph
         before, launches_before = _call_nodes(graph), _launches(graph)
         counts: dict[str, int] = {}
+        skipped: list[SkippedMatch] = []
         for name in self.enabled:
-            counts[name] = FUSIONS[name](graph)
+            counts[name] = FUSIONS[name](graph, skipped)
         graph.eliminate_dead_code()
         graph.lint()
         gm.recompile()
@@ -104,6 +115,7 @@ class PassManager:
             _launches(graph),
             graph_id=len(self.reports),
             enabled=self.enabled,
+            skipped=tuple(skipped),
         )
         self.reports.append(report)
         logger.info("npugraph_ex fusions, %s", report)

@@ -4,23 +4,45 @@ HF's ``apply_rotary_pos_emb`` traces, per tensor, to::
 
     add(mul(x, cos), mul(cat([neg(slice(x, -1, d/2, end)), slice(x, -1, 0, d/2)], -1), sin))
 
-Two such chains sharing the same ``cos`` and ``sin`` nodes (q and k) become one
-``npugraph_ex.rotary(q, k, cos, sin)``. Then, with ``rms_norm`` already fused,
-``rotary(transpose(rms_norm(q)), transpose(rms_norm(k)))`` with one eps becomes
-``qk_norm_rope(transpose(q), transpose(k), ...)``: the norm is over the last dim, so the
-transpose can move in front of it. Different eps on q and k, a dtype mismatch, or an
-intermediate used elsewhere leave the graph alone.
+The q and k RoPEs of one attention become one ``npugraph_ex.rotary(q, k, cos, sin)``. They are
+paired by data flow, not by their order in the graph: a pair uses the same ``cos`` and ``sin``
+nodes (so the same positions), neither feeds the other (every later layer depends on the earlier
+ones through the residual stream, q and k of one attention do not), and among such candidates
+the two whose values meet first (at their attention) go together. So a RoPE that is not matched
+(written another way in one layer, say) costs that layer its pair, not every later layer. A RoPE
+left without a partner is fused alone, as ``rotary(x, x, cos, sin)`` with the second output
+unused: the op has no one-tensor form, and one call still replaces seven.
+
+Then, with ``rms_norm`` already fused, ``rotary(view(rms_norm(q)), view(rms_norm(k)))`` with one
+eps becomes ``qk_norm_rope(view(q), view(k), ...)``, where ``view`` is any chain of transposes,
+permutes, views and copies (``clone``) *that keeps the normalised dim last*: the norm is over
+the last dim, so such a chain commutes with it and moves in front of it; one that moves the
+normalised dim (a transpose of the last dim, a view that splits or merges it) does not, and the
+candidate is declined. Different
+eps on q and k, eps values only known at run time from two different inputs, a dtype mismatch, or
+an intermediate used elsewhere leave the graph alone too.
 """
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 
 from torch import fx
 
 from ascend_npugraph_ex.ops import fused_op
-from ascend_npugraph_ex.passes.fx_utils import FusionRewrite, aten, fake_val, is_call, last_dim
+from ascend_npugraph_ex.passes.fx_utils import (
+    Decline,
+    FusionRewrite,
+    SkippedMatch,
+    aten,
+    fake_val,
+    is_call,
+    last_dim,
+    same_sizes,
+)
+from ascend_npugraph_ex.passes.norm import same_eps
 
 __all__ = ["fuse_qk_norm_rope", "fuse_rotary"]
 
@@ -83,7 +105,7 @@ def _match_rope(add: fx.Node) -> _Rope | None:
             continue
         d = vx.shape[-1]
         hi, lo_s = _slice(hi_slice, vx.dim()), _slice(lo, vx.dim())
-        if hi is None or lo_s is None or hi[0] is not lo_s[0]:
+        if hi is None or lo_s is None or hi[0] is not lo_s[0] or not isinstance(d, int):
             continue
         x = hi[0]
         half = d // 2
@@ -102,97 +124,200 @@ def _match_rope(add: fx.Node) -> _Rope | None:
         if vc is None or vs is None or vo is None:
             continue
         # Same dtype everywhere (HF casts cos/sin to q's dtype); the output keeps x's shape.
-        if not (vx.dtype == vc.dtype == vs.dtype == vo.dtype) or vo.shape != vx.shape:
+        if not (vx.dtype == vc.dtype == vs.dtype == vo.dtype) or not same_sizes(vo.shape, vx.shape):
             continue
-        if vc.shape[-1] != d or vs.shape != vc.shape:
+        if vc.shape[-1] != d or not same_sizes(vs.shape, vc.shape):
             continue
         return _Rope(x, cos, sin, add, [n for n in internal if isinstance(n, fx.Node)])
     return None
 
 
-def fuse_rotary(graph: fx.Graph) -> int:
-    """Fuse q/k RoPE pairs that share cos and sin into ``npugraph_ex.rotary``; returns the count."""
-    groups: dict[tuple[fx.Node, fx.Node], list[_Rope]] = {}
+def _pair_by_data_flow(graph: fx.Graph, ropes: list[_Rope]) -> list[tuple[_Rope, _Rope | None]]:
+    """Group ``ropes`` (graph order) into q/k pairs of one attention, and singles (module doc).
+
+    One pass over the graph gives each node the set of RoPE outputs it depends on (a bit mask).
+    Two RoPEs can be a pair when they share ``cos`` and ``sin`` and neither depends on the other;
+    candidate pairs are then taken in the order their values first meet downstream.
+    """
+    bit = {r.out: 1 << i for i, r in enumerate(ropes)}
+    reach: dict[fx.Node, int] = {}
     for node in graph.nodes:
-        m = _match_rope(node)
-        if m is not None:
-            groups.setdefault((m.cos, m.sin), []).append(m)
-    rewrite = FusionRewrite(graph)
+        mask = bit.get(node, 0)
+        for inp in node.all_input_nodes:
+            mask |= reach[inp]
+        reach[node] = mask
+
+    def pairable(i: int, j: int) -> bool:
+        a, b = ropes[i], ropes[j]
+        if a.cos is not b.cos or a.sin is not b.sin:
+            return False
+        return not (reach[b.x] >> i & 1 or reach[a.x] >> j & 1)
+
+    pairs = [p for p in itertools.combinations(range(len(ropes)), 2) if pairable(*p)]
+    # Where each candidate pair's values first meet: a node with an input carrying each.
+    nodes = list(graph.nodes)
+    meet: dict[tuple[int, int], int] = {}
+    unmet = set(pairs)
+    for index, node in enumerate(nodes):
+        if not unmet:
+            break
+        if len(node.all_input_nodes) < 2:
+            continue
+        mask = reach[node]
+        for pair in [p for p in unmet if mask >> p[0] & 1 and mask >> p[1] & 1]:
+            meet[pair] = index
+            unmet.discard(pair)
+    ranked = sorted(pairs, key=lambda p: (meet.get(p, len(nodes)), p))
+    partner: dict[int, int] = {}
+    for i, j in ranked:
+        if i not in partner and j not in partner:
+            partner[i], partner[j] = j, i
+    groups: list[tuple[_Rope, _Rope | None]] = []
+    for i, rope in enumerate(ropes):
+        other = partner.get(i)
+        if other is None:
+            groups.append((rope, None))
+        elif i < other:
+            groups.append((rope, ropes[other]))
+    return groups
+
+
+def fuse_rotary(graph: fx.Graph, skipped: list[SkippedMatch] | None = None) -> int:
+    """Fuse q/k RoPE pairs (and lone RoPEs) into ``npugraph_ex.rotary``; returns the count."""
+    ropes = [m for node in graph.nodes if (m := _match_rope(node)) is not None]
+    rewrite = FusionRewrite(graph, "rotary", skipped)
     op = fused_op("rotary")
     count = 0
-    for (cos, sin), ropes in groups.items():
-        # Consecutive pairs in graph order: q then k of one attention layer.
-        for q, k in zip(ropes[0::2], ropes[1::2], strict=False):
-            erase = [q.out, k.out, *q.internal, *k.internal]
-            if rewrite.apply(op, (q.x, k.x, cos, sin), [q.out, k.out], erase):
+    for q, k in _pair_by_data_flow(graph, ropes):
+        with rewrite.candidate(q.out):
+            if k is None:
+                args = (q.x, q.x, q.cos, q.sin)
+                replaces, erase = [q.out, None], [q.out, *q.internal]
+            else:
+                args = (q.x, k.x, q.cos, q.sin)
+                replaces, erase = [q.out, k.out], [q.out, k.out, *q.internal, *k.internal]
+            if rewrite.apply(op, args, replaces, erase):
                 count += 1
     return count
 
 
-def _normed(node: object) -> tuple[fx.Node, tuple[int, int] | None] | None:
-    """``(rms_norm node, transpose dims or None)`` for a (transposed) fused rms_norm."""
-    dims = None
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+# Ops allowed between the norm and the RoPE: views, and the copy a reshape of a transposed
+# tensor adds (a clone keeps every value where it is, so it commutes with the norm too).
+_CHAIN = (aten.transpose.int, aten.permute.default, aten.clone.default, *_VIEWS)
+
+
+def _keeps_last_dim(node: fx.Node, src: fx.Node) -> str | None:
+    """None if view-like ``node`` of ``src`` keeps ``src``'s last dim last and whole, else why."""
+    src_val, out_val = fake_val(src), fake_val(node)
+    if src_val is None or out_val is None:
+        return "missing fake tensor metadata"
+    if is_call(node, aten.clone.default):
+        return None if set(node.kwargs) <= {"memory_format"} else f"{node.name} is not a copy"
+    if node.kwargs:
+        return f"{node.name} has keyword arguments"
+    ndim = src_val.dim()
     if is_call(node, aten.transpose.int):
-        assert isinstance(node, fx.Node)
-        if len(node.users) != 1:
-            return None
         d0, d1 = node.args[1], node.args[2]
         if not (isinstance(d0, int) and isinstance(d1, int)):
-            return None
-        dims = (d0, d1)
+            return "a transpose with symbolic dims"
+        d0, d1 = d0 % ndim, d1 % ndim
+        if d0 != d1 and ndim - 1 in (d0, d1):
+            return (
+                f"transpose({node.args[1]}, {node.args[2]}) between the norm and the RoPE moves "
+                "the normalised (last) dim"
+            )
+        return None
+    if is_call(node, aten.permute.default):
+        perm = node.args[1]
+        last = perm[-1] if isinstance(perm, (list, tuple)) and perm else None
+        if not isinstance(last, int) or last % ndim != ndim - 1:
+            return f"permute({perm}) between the norm and the RoPE moves the normalised dim"
+        return None
+    # A view keeps every row of the last dim intact exactly when that dim keeps its size: it
+    # only re-indexes the leading dims, in row-major order.
+    if not same_sizes(out_val.shape[-1:], src_val.shape[-1:]):
+        return (
+            f"a view from {list(src_val.shape)} to {list(out_val.shape)} between the norm and "
+            "the RoPE splits or merges the normalised dim"
+        )
+    return None
+
+
+def _norm_chain(node: object) -> tuple[fx.Node, list[fx.Node]] | str | None:
+    """``(rms_norm node, views from it to node)`` if a fused rms_norm feeds ``node`` through
+    views that keep the normalised dim last; a reason if the views do not; None if no norm."""
+    chain: list[fx.Node] = []
+    while is_call(node, *_CHAIN):
+        chain.append(node)
         node = node.args[0]
     if not is_call(node, fused_op("rms_norm")):
         return None
-    assert isinstance(node, fx.Node)
-    if len(node.users) != 1:
-        return None
-    return node, dims
+    chain.reverse()  # norm-side first
+    src = node
+    for view in chain:
+        reason = _keeps_last_dim(view, src)
+        if reason is not None:
+            return reason
+        src = view
+    for n in (node, *chain):
+        if len(n.users) != 1:
+            return f"{n.name}, between the norm and the RoPE, is used elsewhere"
+    return node, chain
 
 
-def fuse_qk_norm_rope(graph: fx.Graph) -> int:
+def _replay(rewrite: FusionRewrite, base: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    """Apply the views of ``chain`` to ``base`` instead of to the norm's output."""
+    out = base
+    for view in chain:
+        out = rewrite.insert(view.target, (out, *view.args[1:]), dict(view.kwargs))
+    return out
+
+
+def fuse_qk_norm_rope(graph: fx.Graph, skipped: list[SkippedMatch] | None = None) -> int:
     """Fuse ``rotary(rms_norm(q), rms_norm(k))`` (same eps) into ``npugraph_ex.qk_norm_rope``."""
-    rewrite = FusionRewrite(graph)
+    rewrite = FusionRewrite(graph, "qk_norm_rope", skipped)
     rotary, op = fused_op("rotary"), fused_op("qk_norm_rope")
     count = 0
     for node in list(graph.nodes):
         if not is_call(node, rotary):
             continue
         q, k, cos, sin = node.args
-        qn, kn = _normed(q), _normed(k)
-        if qn is None or kn is None or qn[1] != kn[1]:
-            continue
-        (qnorm, dims), (knorm, _) = qn, kn
-        (q_in, q_w, q_eps), (k_in, k_w, k_eps) = qnorm.args, knorm.args
-        if q_eps != k_eps:
-            continue  # one fused op, one eps: different eps stay separate norms
-        getitems = list(node.users)
-        if not all(is_call(g, operator.getitem) for g in getitems):
-            continue
-        outs: list[fx.Node | None] = [None, None]
-        for g in getitems:
-            idx = g.args[1]
-            if isinstance(idx, int):
-                outs[idx] = g
-        q_src, k_src = q_in, k_in
-        if dims is not None:
-            # The norm is over the last dim, so transposing its *input* (a view) is free and
-            # makes the fused op produce the rotary output in exactly the rotary's layout.
-            with graph.inserting_after(rewrite.anchor([q_in, k_in])):  # type: ignore[list-item]
-                q_src = graph.call_function(aten.transpose.int, (q_in, *dims))
-                k_src = graph.call_function(aten.transpose.int, (k_in, *dims))
-            for src, base in ((q_src, q_in), (k_src, k_in)):
-                base_val = fake_val(base)
-                if base_val is not None:
-                    src.meta["val"] = base_val.transpose(*dims)
-            rewrite.refresh()
-        erase = [*getitems, node, qnorm, knorm]
-        erase += [n for n in (q, k) if isinstance(n, fx.Node) and n not in (qnorm, knorm)]
-        args = (q_src, k_src, q_w, k_w, q_eps, cos, sin)
-        if rewrite.apply(op, args, outs, erase):
-            count += 1
-        elif dims is not None:
-            for extra in (k_src, q_src):
-                if isinstance(extra, fx.Node) and not extra.users:
-                    graph.erase_node(extra)
-            rewrite.refresh()
+        if q is k:
+            continue  # a lone RoPE: normalising it twice would cost more than it saves
+        with rewrite.candidate(node):
+            qn, kn = _norm_chain(q), _norm_chain(k)
+            if qn is None or kn is None:
+                continue
+            for side in (qn, kn):
+                if isinstance(side, str):
+                    raise Decline(side)
+            assert not isinstance(qn, str)
+            assert not isinstance(kn, str)
+            (qnorm, q_chain), (knorm, k_chain) = qn, kn
+            (q_in, q_w, q_eps), (k_in, k_w, k_eps) = qnorm.args, knorm.args
+            if not same_eps(q_eps, k_eps):
+                if isinstance(q_eps, fx.Node) or isinstance(k_eps, fx.Node):
+                    raise Decline(
+                        "the q and k norms read eps from different run-time values (floats "
+                        "are graph inputs under dynamic shapes); one fused op has one eps, and "
+                        "that they are equal is only known when the graph runs"
+                    )
+                raise Decline(f"the q and k norms use different eps ({q_eps} and {k_eps})")
+            getitems = list(node.users)
+            if not all(is_call(g, operator.getitem) for g in getitems):
+                raise Decline("the rotary's outputs are used other than through getitem")
+            outs: list[fx.Node | None] = [None, None]
+            for g in getitems:
+                idx = g.args[1]
+                if isinstance(idx, int):
+                    outs[idx] = g
+            assert isinstance(q_in, fx.Node)
+            assert isinstance(k_in, fx.Node)
+            # The views keep the normalised dim last, so they commute with the norm: applied
+            # to its input, they make the fused op produce the rotary's output layout.
+            q_src, k_src = _replay(rewrite, q_in, q_chain), _replay(rewrite, k_in, k_chain)
+            erase = [*getitems, node, qnorm, knorm, *q_chain, *k_chain]
+            if rewrite.apply(op, (q_src, k_src, q_w, k_w, q_eps, cos, sin), outs, erase):
+                count += 1
     return count

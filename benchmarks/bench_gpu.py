@@ -126,8 +126,8 @@ def kernel_us(
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(blocks):
         for name, fn in variants.items():
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             for _ in range(calls):
                 fn()
@@ -151,7 +151,7 @@ def raw_graph(
     """
     static = [a.clone() for a in args]
     if run.on_gpu:
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(3):
@@ -206,9 +206,9 @@ def section_overhead(run: Run) -> dict[str, Any]:
     )
     desc = ag.BatchDescriptor(1)
 
-    def wrapped() -> object:
+    def wrapped() -> torch.Tensor:
         with ag.graph_context(ag.GraphMode.FULL, desc):
-            return wrapper(x)
+            return wrapper(x)  # type: ignore[no-any-return]
 
     def context_only() -> None:
         # vLLM enters the forward context once per step, not once per wrapper: its cost is
@@ -498,7 +498,7 @@ def section_decode(run: Run) -> dict[str, Any]:
 
         def reduce_overhead(x: torch.Tensor = x, pos: torch.Tensor = pos) -> torch.Tensor:
             # The documented way to tell cudagraph trees that a new step begins.
-            torch.compiler.cudagraph_mark_step_begin()
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call]
             with torch.no_grad():
                 return compiled(x, pos)  # type: ignore[no-any-return]
 

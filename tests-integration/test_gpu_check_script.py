@@ -166,3 +166,25 @@ def test_a_crashing_benchmark_section_is_a_failure(gpu_check: ModuleType) -> Non
     assert outcome.status == "error"
     assert "without a result" in outcome.detail
     assert outcome.fatal
+
+
+def test_test_files_needing_an_absent_dependency_are_left_out_and_reported(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GPU machines have pytest but maybe not hypothesis: such files cannot even be collected.
+    monkeypatch.setattr(gpu_check, "_OPTIONAL_TEST_DEPS", ("no_such_test_dependency",))
+    (tmp_path / "test_needs_it.py").write_text(
+        "import no_such_test_dependency\n\ndef test_x():\n    pass\n"
+    )
+    (tmp_path / "test_plain.py").write_text("def test_y():\n    pass\n")
+    section = gpu_check.Section("tests: probe", "tests", 0, 300, (str(tmp_path),))
+    outcome = gpu_check.run_tests(section, 300, gpu_check.child_env(dry_run=False), False)
+    assert outcome.status == "passed", outcome.detail
+    assert "1 passed" in outcome.detail
+    assert "1 file(s) not run" in outcome.detail
+    assert any(
+        s.startswith("NOT RUN:") and "test_needs_it.py" in s and "no_such_test_dependency" in s
+        for s in outcome.skips
+    )
+    verdict = gpu_check.verdict([outcome], dry_run=False)
+    assert verdict.startswith("PASS, but some test files were not run")

@@ -94,9 +94,7 @@ EXPECTED_GRAPHS = {
 @pytest.mark.parametrize("mode", ["FULL", "PIECEWISE", "FULL_AND_PIECEWISE", "FULL_DECODE_ONLY"])
 def test_modes_equal_eager_on_the_padded_batch(mode: str, uniform: bool) -> None:
     model = Qwen3Decoder(Qwen3Config.small())
-    compiler = ag.make_compile_backend(
-        mode=mode, batch_sizes=SIZES, backend="cpu", pad_value=PAD
-    )
+    compiler = ag.make_compile_backend(mode=mode, batch_sizes=SIZES, backend="cpu", pad_value=PAD)
     compiled = torch.compile(model, backend=compiler, dynamic=True)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):  # warm-up, capture, replay per descriptor

@@ -200,7 +200,7 @@ def _user_stack_traces() -> Iterator[None]:
 
     with _trace_lock:
         original = PythonKeyTracer.__dict__.get("_filter_traceback_frames")
-        PythonKeyTracer._filter_traceback_frames = _keep_frames  # type: ignore[method-assign,assignment]
+        PythonKeyTracer._filter_traceback_frames = _keep_frames  # type: ignore[method-assign]
         try:
             yield
         finally:

@@ -40,11 +40,11 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ascend_aclgraph.backends import GraphBackend, GraphPool
 from ascend_aclgraph.batch_hint import current_uniform_decode
@@ -52,7 +52,12 @@ from ascend_aclgraph.batch_layout import BatchLayout, layout_for_dynamo_graph
 from ascend_aclgraph.capture_sizes import CaptureSizes
 from ascend_aclgraph.compile_options import AclGraphCompileOptions
 from ascend_aclgraph.dispatcher import GraphDispatcher
-from ascend_aclgraph.graph_context import graph_context
+from ascend_aclgraph.graph_context import (
+    GraphContext,
+    enter_graph_context,
+    exit_graph_context,
+    make_graph_context,
+)
 from ascend_aclgraph.modes import GraphMode
 from ascend_aclgraph.piecewise import PiecewiseGraph, sum_stats
 from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs
@@ -124,6 +129,7 @@ class CompiledGraphRunner:
         self.runnable: Callable[..., Any] | None = None
         self._lock = threading.Lock()
         self._said: set[str] = set()
+        self._plans: dict[tuple[int, bool], _RunPlan | None] = {}
         self.baked: list[tuple[int, float | int | bool]] = []
         self._grad_inputs = any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
@@ -225,20 +231,9 @@ class CompiledGraphRunner:
         self.eager_calls += 1
         return self.eager_fn(*args)
 
-    def __call__(self, *args: Any) -> Any:
-        runnable = self.runnable
-        if (
-            runnable is None
-            or (self._grad_inputs and torch.is_grad_enabled())
-            or any(args[i].item() != value for i, value in self.baked)
-        ):
-            # Graphs are for inference; autograd needs the eager graph.
-            return self._eager(args)
-        inputs = self.inputs
-        n = inputs.batch_size(args)
-        if n <= 0:
-            return self._eager(args)
-        mode, descriptor = self.dispatcher.dispatch(n, uniform_decode=current_uniform_decode())
+    def _plan(self, n: int, uniform: bool) -> _RunPlan | None:
+        """How a batch of ``n`` runs (None: eagerly); worked out once per size and hint."""
+        mode, descriptor = self.dispatcher.dispatch(n, uniform_decode=uniform)
         if mode is not GraphMode.NONE and self.exact_sizes and descriptor.num_tokens != n:
             self._say_once(
                 "exact",
@@ -248,6 +243,28 @@ class CompiledGraphRunner:
             )
             mode = GraphMode.NONE
         if mode is GraphMode.NONE:
+            return None
+        return _RunPlan(descriptor.num_tokens, make_graph_context(mode, descriptor))
+
+    def __call__(self, *args: Any) -> Any:
+        runnable = self.runnable
+        if (
+            runnable is None
+            or (self._grad_inputs and torch.is_grad_enabled())
+            or (self.baked and any(args[i].item() != value for i, value in self.baked))
+        ):
+            # Graphs are for inference; autograd needs the eager graph.
+            return self._eager(args)
+        inputs = self.inputs
+        n = inputs.batch_size(args)
+        if n <= 0:
+            return self._eager(args)
+        key = (n, current_uniform_decode())
+        try:
+            plan = self._plans[key]
+        except KeyError:
+            plan = self._plans[key] = self._plan(*key)
+        if plan is None:
             if n > self.dispatcher.max_capture_size:
                 self.eager_fallbacks += 1
             return self._eager(args)
@@ -255,18 +272,43 @@ class CompiledGraphRunner:
         if moved is not None:
             self._say_once("moved", "aclgraph: running eagerly: %s (said once)", moved)
             return self._eager(args)
-        size = descriptor.num_tokens
+        size = plan.size
         with self._lock:
             inputs.check_host(args)
             padded = inputs.copy_in(args, n, size)
-            with graph_context(mode, descriptor):
+            token = enter_graph_context(plan.context)
+            try:
                 out = runnable(*padded)
+            finally:
+                exit_graph_context(token)
             inputs.copy_back(args, n)
-            return self._cut_back(out, n, size)
+            return self._cut_back(plan, out, n, size)
 
-    def _cut_back(self, out: Any, n: int, size: int) -> Any:
-        flat, spec = tree_flatten(out)
-        flat = self._cut(flat, n, size)
-        if self.options.clone_outputs:
+    def _cut_back(self, plan: _RunPlan, out: Any, n: int, size: int) -> Any:
+        # A replay returns the very objects it returned last time: reuse their cut views.
+        if out is not plan.last_output:
+            flat, plan.spec = tree_flatten(out)
+            plan.cut = self._cut(flat, n, size)
+            plan.single = plan.spec.is_leaf()
+            plan.last_output = out
+        clone = self.options.clone_outputs
+        if plan.single:
+            t = plan.cut[0]
+            return t.clone() if clone and isinstance(t, torch.Tensor) else t
+        flat = plan.cut
+        if clone:
             flat = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
-        return tree_unflatten(flat, spec)
+        assert plan.spec is not None
+        return tree_unflatten(flat, plan.spec)
+
+
+@dataclass(eq=False)
+class _RunPlan:
+    """A batch size's padded size and graph context, and its last outputs' cut views."""
+
+    size: int
+    context: GraphContext
+    last_output: Any = None
+    cut: list[Any] = field(default_factory=list)
+    spec: TreeSpec | None = None
+    single: bool = False

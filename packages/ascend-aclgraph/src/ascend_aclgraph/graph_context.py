@@ -16,7 +16,13 @@ from typing import NamedTuple
 
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
 
-__all__ = ["GraphContext", "current_graph_context", "graph_context"]
+__all__ = [
+    "GraphContext",
+    "current_graph_context",
+    "enter_graph_context",
+    "exit_graph_context",
+    "graph_context",
+]
 
 
 class GraphContext(NamedTuple):
@@ -34,11 +40,10 @@ def current_graph_context() -> GraphContext:
     return _current.get()
 
 
-@contextlib.contextmanager
-def graph_context(
+def make_graph_context(
     runtime_mode: GraphMode, descriptor: BatchDescriptor | None = None
-) -> Iterator[GraphContext]:
-    """Run the block as one forward pass in ``runtime_mode`` keyed by ``descriptor``."""
+) -> GraphContext:
+    """A validated context: a runtime mode, and a descriptor unless the mode is NONE."""
     if not runtime_mode.valid_runtime_modes():
         raise ValueError(
             "a forward pass runs in a runtime mode (NONE, PIECEWISE, FULL), "
@@ -46,7 +51,28 @@ def graph_context(
         )
     if runtime_mode is not GraphMode.NONE and descriptor is None:
         raise ValueError(f"runtime mode {runtime_mode.name} needs a BatchDescriptor")
-    ctx = GraphContext(runtime_mode, descriptor)
+    return GraphContext(runtime_mode, descriptor)
+
+
+def enter_graph_context(ctx: GraphContext) -> contextvars.Token[GraphContext]:
+    """Make ``ctx`` current; pass the token to :func:`exit_graph_context`.
+
+    The allocation-free form of :func:`graph_context` for runners that keep one validated
+    context per batch size and switch to it on every call.
+    """
+    return _current.set(ctx)
+
+
+def exit_graph_context(token: contextvars.Token[GraphContext]) -> None:
+    _current.reset(token)
+
+
+@contextlib.contextmanager
+def graph_context(
+    runtime_mode: GraphMode, descriptor: BatchDescriptor | None = None
+) -> Iterator[GraphContext]:
+    """Run the block as one forward pass in ``runtime_mode`` keyed by ``descriptor``."""
+    ctx = make_graph_context(runtime_mode, descriptor)
     token = _current.set(ctx)
     try:
         yield ctx

@@ -443,7 +443,7 @@ class _Analyzer:
         )
 
     def pointwise(
-        self, node: fx.Node, batched: list[tuple[fx.Node, Annotation]], value: Any
+        self, node: fx.Node, batched: Sequence[tuple[fx.Node, Annotation]], value: Any
     ) -> Annotation:
         out_dims = value.dim() if isinstance(value, torch.Tensor) else 0
         placed: set[Rows] = set()
@@ -545,7 +545,7 @@ class _Analyzer:
         self,
         node: fx.Node,
         target: torch._ops.OpOverload,
-        batched: list[tuple[fx.Node, Annotation]],
+        batched: Sequence[tuple[fx.Node, Annotation]],
         value: Any,
     ) -> Annotation:
         bound = self.bound(node, target)
@@ -671,7 +671,7 @@ class _Analyzer:
         self,
         node: fx.Node,
         target: torch._ops.OpOverload,
-        batched: list[tuple[fx.Node, Annotation]],
+        batched: Sequence[tuple[fx.Node, Annotation]],
     ) -> Annotation | list[Annotation] | None:
         """Ops with a ``dim``/``dims`` argument: mixing along the batch dim, else row-wise."""
         schema = target._schema

@@ -127,7 +127,7 @@ class StaticBatchInputs:
         self._dirty = [
             max_size
             if self.specs[i].written
-            else min(sample_args[i].shape[self.specs[i].dim], max_size)  # type: ignore[index]
+            else min(sample_args[i].shape[self.specs[i].dim], max_size)
             for i in self._batched
         ]
         # Views per size, made once: slicing costs as much as a small kernel launch and these

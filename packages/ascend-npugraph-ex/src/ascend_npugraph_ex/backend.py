@@ -94,7 +94,7 @@ def _capture(
         }
     )
     backend = ascend_aclgraph.get_backend(options.backend)
-    runner = CompiledGraphRunner(
+    return CompiledGraphRunner(
         gm,
         example_inputs,
         options,
@@ -102,7 +102,6 @@ def _capture(
         pool=backend.new_pool(),
         runnable=compiled,
     )
-    return runner
 
 
 def compile_graph(

@@ -115,3 +115,23 @@ def _projection_input(node: torch.fx.Node) -> torch.fx.Node:
     while source.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
         source = source.args[0]  # type: ignore[assignment]
     return source
+
+
+def test_pair_the_rewrite_declines_is_fused_as_two_lone_ropes() -> None:
+    def f(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        qr = q * cos + rotate_half(q) * sin
+        early = qr.sum(-1)  # uses q's RoPE before k's input exists: no node can produce both
+        k = k * 2
+        return early, k * cos + rotate_half(k) * sin, qr
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, n, 5, HEAD_DIM, generator=g) for n in (HEADS, KV_HEADS, 1, 1)]
+    expected, got, reports = compile_and_run(f, *args)
+    for gv, ev in zip(got, expected, strict=True):
+        torch.testing.assert_close(gv, ev, atol=1e-6, rtol=1e-6)
+    assert reports[0].counts["rotary"] == 2
+    (skip,) = reports[0].skipped
+    assert skip.fusion == "rotary"
+    assert "before the fused op's inputs" in skip.reason

@@ -10,8 +10,9 @@ nodes (so the same positions), neither feeds the other (every later layer depend
 ones through the residual stream, q and k of one attention do not), and among such candidates
 the two whose values meet first (at their attention) go together. So a RoPE that is not matched
 (written another way in one layer, say) costs that layer its pair, not every later layer. A RoPE
-left without a partner is fused alone, as ``rotary(x, x, cos, sin)`` with the second output
-unused: the op has no one-tensor form, and one call still replaces seven.
+left without a partner (or whose pair the rewrite declines) is fused alone, as
+``rotary(x, x, cos, sin)`` with the second output unused: the op has no one-tensor form, and
+one call still replaces seven.
 
 Then, with ``rms_norm`` already fused, ``rotary(view(rms_norm(q)), view(rms_norm(k)))`` with one
 eps becomes ``qk_norm_rope(view(q), view(k), ...)``, where ``view`` is any chain of transposes,
@@ -189,15 +190,22 @@ def fuse_rotary(graph: fx.Graph, skipped: list[SkippedMatch] | None = None) -> i
     op = fused_op("rotary")
     count = 0
     for q, k in _pair_by_data_flow(graph, ropes):
-        with rewrite.candidate(q.out):
-            if k is None:
-                args = (q.x, q.x, q.cos, q.sin)
-                replaces, erase = [q.out, None], [q.out, *q.internal]
-            else:
+        paired = False
+        if k is not None:
+            with rewrite.candidate(q.out):
                 args = (q.x, k.x, q.cos, q.sin)
-                replaces, erase = [q.out, k.out], [q.out, k.out, *q.internal, *k.internal]
-            if rewrite.apply(op, args, replaces, erase):
-                count += 1
+                erase = [q.out, k.out, *q.internal, *k.internal]
+                paired = rewrite.apply(op, args, [q.out, k.out], erase)
+        if paired:
+            count += 1
+            continue
+        # Alone, or a pair the rewrite declined (a user of q's RoPE before k exists, say):
+        # each RoPE on its own still saves its launches.
+        for rope in (q,) if k is None else (q, k):
+            with rewrite.candidate(rope.out):
+                args = (rope.x, rope.x, rope.cos, rope.sin)
+                if rewrite.apply(op, args, [rope.out, None], [rope.out, *rope.internal]):
+                    count += 1
     return count
 
 

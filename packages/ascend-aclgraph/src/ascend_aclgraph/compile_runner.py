@@ -290,6 +290,10 @@ class CompiledGraphRunner:
             flat, plan.spec = tree_flatten(out)
             plan.cut = self._cut(flat, n, size)
             plan.single = plan.spec.is_leaf()
+            # Dynamo graphs return a flat tuple of tensors: rebuild it without pytree.
+            plan.flat_tuple = plan.spec.type is tuple and all(
+                child.is_leaf() for child in plan.spec.children()
+            )
             plan.last_output = out
         clone = self.options.clone_outputs
         if plan.single:
@@ -298,6 +302,8 @@ class CompiledGraphRunner:
         flat = plan.cut
         if clone:
             flat = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+        if plan.flat_tuple:
+            return tuple(flat)
         assert plan.spec is not None
         return tree_unflatten(flat, plan.spec)
 
@@ -312,3 +318,4 @@ class _RunPlan:
     cut: list[Any] = field(default_factory=list)
     spec: TreeSpec | None = None
     single: bool = False
+    flat_tuple: bool = False

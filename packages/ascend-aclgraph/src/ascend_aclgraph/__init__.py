@@ -41,11 +41,13 @@ from ascend_aclgraph.errors import (
     GraphModeError,
     TaskUpdateError,
 )
-from ascend_aclgraph.graph_capture import weak_ref_tensor
+from ascend_aclgraph.graph_capture import weak_ref_tensor, weak_ref_tensors
 from ascend_aclgraph.graph_context import GraphContext, current_graph_context, graph_context
+from ascend_aclgraph.guard_free import GuardFreeModule
 from ascend_aclgraph.modes import BatchDescriptor, GraphMode
 from ascend_aclgraph.piecewise import PiecewiseGraph
 from ascend_aclgraph.resolution import resolve_graph_mode
+from ascend_aclgraph.row_analysis import register_row_wise_op
 from ascend_aclgraph.splitting import DEFAULT_SPLITTING_OPS, SplittingOps, split_graph
 from ascend_aclgraph.standalone import CapturedCallable, capture
 from ascend_aclgraph.stats import GraphStats
@@ -83,6 +85,7 @@ __all__ = [
     "GraphPool",
     "GraphStats",
     "GraphWrapper",
+    "GuardFreeModule",
     "PiecewiseGraph",
     "SplittingOps",
     "TaskUpdateError",
@@ -98,9 +101,11 @@ __all__ = [
     "get_backend",
     "graph_context",
     "make_compile_backend",
+    "register_row_wise_op",
     "resolve_graph_mode",
     "shared_compiler",
     "split_graph",
     "updatable",
     "weak_ref_tensor",
+    "weak_ref_tensors",
 ]

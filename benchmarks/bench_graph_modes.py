@@ -1,10 +1,13 @@
 """Graph modes on a Qwen3-shaped decoder: eager vs FULL vs PIECEWISE vs FULL_AND_PIECEWISE.
 
 Runs ``torch.compile(model, backend=aclgraph)`` per mode on the cpu twin (or ``--backend``),
-for uniform decode batches (one token per request) and mixed prefill+decode batches, and
-reports the median step time, the number of captured graphs and the capture time. Timings are
-taken on one thread (the CI machines have two noisy cores): compare them with each other, not
-with a device.
+for uniform decode batches (one token per request) and mixed prefill+decode batches, next to
+``ascend_aclgraph.capture`` of the same model and FULL through :class:`GuardFreeModule` (compiled
+once, then dispatched without dynamo's guards). It reports the median step time, the number of
+captured graphs and the capture time; then the per-call overhead of each runner on a trivial
+graph (raw replay as the floor) and the twin's replay cost per recorded op. Timings are taken on
+one thread (the CI machines have two noisy cores), all variants round-robin in one run: compare
+them with each other, not with a device.
 
     python benchmarks/bench_graph_modes.py --out bench-results
 """
@@ -12,6 +15,7 @@ with a device.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +25,8 @@ import ascend_aclgraph as ag
 import torch
 from ascend_aclgraph.testing import Qwen3Config, Qwen3Decoder
 
-MODES = ["eager", "FULL", "PIECEWISE", "FULL_AND_PIECEWISE"]
+MODES = ["eager", "capture()", "FULL guard-free", "FULL", "PIECEWISE", "FULL_AND_PIECEWISE"]
+PAD = dict(Qwen3Decoder.PAD_VALUES)
 SIZES = [1, 2, 4, 8, 16]
 
 
@@ -39,18 +44,29 @@ def _batch(cfg: Qwen3Config, n: int, uniform: bool) -> tuple[torch.Tensor, ...]:
 def run(cfg_name: str, cfg: Qwen3Config, n: int, iters: int, backend: str) -> list[dict[str, Any]]:
     """All modes built side by side, then timed round-robin (one step of each in turn), so the
     machine's noise spreads evenly over the modes and their ratios stay fair."""
-    torch._dynamo.reset()
-    variants: dict[str, tuple[Any, Any]] = {}
-    for mode in MODES:
-        model = Qwen3Decoder(cfg)  # same seed: identical weights in every variant
-        if mode == "eager":
-            variants[mode] = (model, None)
-            continue
-        compiler = ag.make_compile_backend(mode=mode, batch_sizes=SIZES, backend=backend)
-        variants[mode] = (torch.compile(model, backend=compiler, dynamic=True), compiler)
     rows = []
     for uniform in (True, False):
+        torch._dynamo.reset()
         args = _batch(cfg, n, uniform)
+        variants: dict[str, tuple[Any, Any]] = {}
+        for mode in MODES:
+            model = Qwen3Decoder(cfg)  # same seed: identical weights in every variant
+            if mode == "eager":
+                variants[mode] = (model, None)
+            elif mode == "capture()":
+                sample = tuple(a.new_zeros((max(SIZES), *a.shape[1:])) for a in args)
+                step = ag.capture(model, sample, batch_sizes=SIZES, backend=backend, pad_value=PAD)
+                variants[mode] = (step, step)
+            elif mode == "FULL guard-free":
+                guard_free = ag.GuardFreeModule(
+                    model, mode="FULL", batch_sizes=SIZES, backend=backend, pad_value=PAD
+                )
+                variants[mode] = (guard_free, guard_free.compiler)
+            else:
+                compiler = ag.make_compile_backend(
+                    mode=mode, batch_sizes=SIZES, backend=backend, pad_value=PAD
+                )
+                variants[mode] = (torch.compile(model, backend=compiler, dynamic=True), compiler)
         first_s: dict[str, float] = {}
         samples: dict[str, list[float]] = {mode: [] for mode in MODES}
         with torch.no_grad(), ag.batch_hint(uniform_decode=uniform):
@@ -80,10 +96,98 @@ def run(cfg_name: str, cfg: Qwen3Config, n: int, iters: int, backend: str) -> li
     return rows
 
 
+def _median_us(fns: dict[str, Any], iters: int) -> dict[str, float]:
+    """Median µs per call of each function, timed round-robin in blocks of 20 calls."""
+    for fn in fns.values():
+        for _ in range(50):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(iters // 20, 5)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(20):
+                fn()
+            samples[name].append((time.perf_counter() - start) / 20 * 1e6)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+class _Scale(torch.nn.Module):
+    """A trivial graph (one multiply): what is left is the runners' own cost per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(8), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def overhead(iters: int, backend: str) -> None:
+    """Per-call cost of each way in, over raw replay of the same graph (batch 3 padded to 4)."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 8)
+    model = _Scale()
+    step = ag.capture(model, (torch.zeros(4, 8),), batch_sizes=[4], backend=backend)
+    raw = step.graphs[4].replay
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=[4], num_warmups=0, backend=backend)
+    compiled = torch.compile(model, backend=compiler, dynamic=True)
+    guard_free = ag.GuardFreeModule(
+        _Scale(), mode="FULL", batch_sizes=[4], num_warmups=0, backend=backend
+    )
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+        guard_free(x)
+        runner = compiler.runners[-1]
+        graph_args = (runner.inputs.static[0], 3, x) if len(runner.inputs.specs) == 3 else None
+        fns: dict[str, Any] = {
+            "raw replay": raw,
+            "capture() call": lambda: step(x),
+            "GuardFreeModule call": lambda: guard_free(x),
+            "torch.compile call": lambda: compiled(x),
+            "eager": lambda: model(x),
+        }
+        if graph_args is not None and runner.inputs.specs[1].role == "size":
+            fns["compile runner alone"] = lambda: runner(*graph_args)
+        times = _median_us(fns, iters)
+    floor = times["raw replay"]
+    print("per-call cost on a trivial graph (x * w, batch 3 padded to 4), 1 thread, median µs")
+    print(f"{'way in':<24}{'µs/call':>9}{'over raw replay':>17}")
+    for name, us in times.items():
+        extra = f"{us - floor:>16.1f}" if name != "eager" else f"{'':>16}"
+        print(f"{name:<24}{us:>9.1f}{extra}")
+
+
+def replay_cost(configs: dict[str, Qwen3Config], backend: str) -> None:
+    """The twin's replay: µs per replayed op, and raw replay against eager on the same batch."""
+    if backend != "cpu":
+        return
+    print("cpu twin replay cost (decode step, batch 4, 1 thread, median)")
+    print(f"{'model':<24}{'ops replayed':>13}{'eager µs':>10}{'replay µs':>11}{'µs/op':>7}{'x':>7}")
+    for name, cfg in configs.items():
+        model = Qwen3Decoder(cfg)
+        x, positions, _ = _batch(cfg, 4, True)
+        step = ag.capture(model, (x, positions), batch_sizes=[4], backend=backend, pad_value=PAD)
+        graph = step.graphs[4]
+        ops = graph.native.program.num_replayed
+        with torch.no_grad():
+            eager_step = functools.partial(model, x, positions)
+            times = _median_us({"eager": eager_step, "replay": graph.replay}, 400)
+        print(
+            f"{name:<24}{ops:>13}{times['eager']:>10.1f}{times['replay']:>11.1f}"
+            f"{times['replay'] / ops:>7.2f}{times['eager'] / times['replay']:>6.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
-    parser.add_argument("--tokens", type=int, default=6, help="tokens per step (padded to 8)")
+    parser.add_argument(
+        "--tokens",
+        type=lambda v: [int(t) for t in v.split(",")],
+        default=[4, 6],
+        help="tokens per step, comma separated (4: an exact capture size; 6: padded to 8)",
+    )
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--backend", default="cpu")
     args = parser.parse_args()
@@ -98,12 +202,15 @@ def main() -> None:
     }
     rows: list[dict[str, Any]] = []
     for name, cfg in configs.items():
-        rows += run(name, cfg, args.tokens, args.iters, args.backend)
+        for tokens in args.tokens:
+            for row in run(name, cfg, tokens, args.iters, args.backend):
+                row["batch"] = f"{row['batch']} x{tokens}"
+                rows.append(row)
     print(
-        f"aclgraph graph modes, backend={args.backend}, {args.tokens} tokens/step (padded to "
-        f"the next of {SIZES}), torch threads=1, median of {args.iters} steps"
+        f"aclgraph graph modes, backend={args.backend}, tokens/step {args.tokens} (padded to "
+        f"the next of {SIZES}), torch threads=1, median of {args.iters} steps, round-robin"
     )
-    header = f"{'model':<24}{'batch':<16}{'mode':<20}{'ms/step':>9}{'vs eager':>10}"
+    header = f"{'model':<24}{'batch':<20}{'mode':<20}{'ms/step':>9}{'vs eager':>10}"
     header += f"{'graphs':>8}{'capture s':>11}"
     print(header)
     print("-" * len(header))
@@ -111,9 +218,13 @@ def main() -> None:
     for r in rows:
         speedup = eager[(r["model"], r["batch"])] / r["median_ms"]
         print(
-            f"{r['model']:<24}{r['batch']:<16}{r['mode']:<20}{r['median_ms']:>9.3f}"
+            f"{r['model']:<24}{r['batch']:<20}{r['mode']:<20}{r['median_ms']:>9.3f}"
             f"{speedup:>9.2f}x{r['graphs']:>8}{r['capture_s']:>11.3f}"
         )
+    print()
+    overhead(args.iters * 20, args.backend)
+    print()
+    replay_cost(configs, args.backend)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         import matplotlib

@@ -392,6 +392,26 @@ void rope_impl(const RowLayout& l, int64_t d, const T* x, const T* cos, const T*
   });
 }
 
+// ---- RMSNorm, then RoPE ------------------------------------------------------------------------
+
+// Qwen3's q/k norm then RoPE, per head row: the normalized row goes through a buffer on the
+// stack (L1), not through a tensor the size of q written to memory and read back.
+template <typename T>
+void norm_rope_impl(
+    const RowLayout& l, int64_t d, const T* x, const T* w, const T* cos, const T* sin, T* out,
+    float eps) {
+  using raw_t = typename Round<T>::raw_t;
+  parallel_rows<4>(l, d, [&](const std::array<int64_t, 4>& o) {
+    const T* xr = x + o[0];
+    auto [acc0, acc1] = sum_squares(xr, d);
+    std::array<T, kMaxNormRopeDim> normed;
+    scale_row(xr, w, normed.data(), d, rstd_of(acc0, acc1, d, eps));
+    rope_row<T>(
+        reinterpret_cast<const raw_t*>(normed.data()), reinterpret_cast<const raw_t*>(cos + o[1]),
+        reinterpret_cast<const raw_t*>(sin + o[2]), reinterpret_cast<raw_t*>(out + o[3]), d / 2);
+  });
+}
+
 }  // namespace
 
 // ---- entry points -----------------------------------------------------------------------------
@@ -462,6 +482,19 @@ void rope_rows(
       rope_impl<scalar_t>(
           layout, h, static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(cos),
           static_cast<const scalar_t*>(sin), static_cast<scalar_t*>(out)))
+}
+
+void norm_rope_rows(
+    c10::ScalarType dtype, const RowLayout& layout, int64_t h, const void* x, const void* weight,
+    const void* cos, const void* sin, void* out, float eps) {
+  TORCH_CHECK(
+      h <= kMaxNormRopeDim, "npugraph_ex::qk_norm_rope: head dim ", h, " > ", kMaxNormRopeDim);
+  NPUGRAPH_EX_REDUCED_OR_FLOAT(
+      dtype, "qk_norm_rope",
+      norm_rope_impl<scalar_t>(
+          layout, h, static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(weight),
+          static_cast<const scalar_t*>(cos), static_cast<const scalar_t*>(sin),
+          static_cast<scalar_t*>(out), eps))
 }
 
 #undef NPUGRAPH_EX_REDUCED_OR_FLOAT

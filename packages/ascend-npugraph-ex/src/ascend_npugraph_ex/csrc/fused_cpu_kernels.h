@@ -58,6 +58,13 @@ void rope_rows(
     c10::ScalarType dtype, const RowLayout& layout, int64_t h, const void* x, const void* cos,
     const void* sin, void* out);
 
+// Per-head RMSNorm, then RoPE, in one pass per row: rope(rms_norm(x)), bitwise the two loops
+// above in turn. h <= kMaxNormRopeDim. Operands: x, cos, sin, out.
+constexpr int64_t kMaxNormRopeDim = 1024;
+void norm_rope_rows(
+    c10::ScalarType dtype, const RowLayout& layout, int64_t h, const void* x, const void* weight,
+    const void* cos, const void* sin, void* out, float eps);
+
 // The vector ISA the loops were compiled for ("AVX512", "AVX2" or "DEFAULT").
 const char* kernels_capability();
 

@@ -210,6 +210,8 @@ def _layout_case(case: str, dtype: torch.dtype) -> tuple[str, tuple[object, ...]
         return "rms_norm", (r(3, 7, 6 * h)[..., : 4 * h].view(3, 7, 4, h), w, 1e-6)
     if case == "expanded":  # one row broadcast to many (stride 0)
         return "rms_norm", (r(1, h).expand(5, h), w, 1e-6)
+    if case == "strided_last_dim":  # not unit-stride rows: the composite runs
+        return "rms_norm", (r(4, 2 * h)[:, ::2], w, 1e-6)
     if case == "strided_weight":
         return "rms_norm", (r(4, h), r(2 * h)[::2], 1e-6)
     if case == "many_dims":  # 9 leading dims that do not merge: more than the loop indexes
@@ -246,6 +248,7 @@ LAYOUTS = [
     "row_slice",
     "qkv_heads",
     "expanded",
+    "strided_last_dim",
     "strided_weight",
     "many_dims",
     "add_permuted_residual",

@@ -62,7 +62,7 @@ from ascend_aclgraph.modes import GraphMode
 from ascend_aclgraph.piecewise import PiecewiseGraph, sum_stats
 from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs
 from ascend_aclgraph.stats import GraphStats
-from ascend_aclgraph.wrapper import GraphOptions, GraphWrapper
+from ascend_aclgraph.wrapper import GraphEntry, GraphOptions, GraphWrapper
 
 __all__ = ["CompiledGraphRunner"]
 
@@ -276,13 +276,31 @@ class CompiledGraphRunner:
         with self._lock:
             inputs.check_host(args)
             padded = inputs.copy_in(args, n, size)
-            token = enter_graph_context(plan.context)
-            try:
-                out = runnable(*padded)
-            finally:
-                exit_graph_context(token)
+            entry = plan.full_entry
+            if entry is not None:
+                # A captured FULL graph: replay it directly. A replay runs no Python that reads
+                # the graph context, and the wrapper would only look the same entry up again.
+                entry.graph.replay()  # type: ignore[union-attr]
+                self.full.stats.replays += 1  # type: ignore[union-attr]
+                out = entry.output
+            else:
+                token = enter_graph_context(plan.context)
+                try:
+                    out = runnable(*padded)
+                finally:
+                    exit_graph_context(token)
+                plan.full_entry = self._captured_full_entry(plan)
             inputs.copy_back(args, n)
             return self._cut_back(plan, out, n, size)
+
+    def _captured_full_entry(self, plan: _RunPlan) -> GraphEntry | None:
+        full = self.full
+        if full is None or plan.context.runtime_mode is not GraphMode.FULL or full.options.debug:
+            return None
+        entry = full.entries.get(plan.context.descriptor)  # type: ignore[arg-type]
+        if entry is None or entry.graph is None or entry.eager:
+            return None
+        return entry
 
     def _cut_back(self, plan: _RunPlan, out: Any, n: int, size: int) -> Any:
         # A replay returns the very objects it returned last time: reuse their cut views.
@@ -314,6 +332,8 @@ class _RunPlan:
 
     size: int
     context: GraphContext
+    # Set once the FULL wrapper captured this descriptor: later calls replay it directly.
+    full_entry: GraphEntry | None = None
     last_output: Any = None
     cut: list[Any] = field(default_factory=list)
     spec: TreeSpec | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import torch
@@ -52,6 +53,9 @@ class GraphPool:
         return self.captured_bytes
 
 
+_NO_UPDATES: Mapping[UpdatableTask, dict[str, Any]] = MappingProxyType({})
+
+
 class Graph:
     """A captured graph: the backend's native object plus what the runtime tracks about it."""
 
@@ -75,6 +79,9 @@ class Graph:
         """
         if not self.captured:
             raise RuntimeError("replay() of a graph that was never captured successfully")
+        if updates is None and not self.tasks:
+            self.backend.replay(self, _NO_UPDATES)  # the common case, on every step's path
+            return
         for task, changes in (updates or {}).items():
             if task.graph is not self:
                 raise TaskUpdateError(

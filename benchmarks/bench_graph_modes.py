@@ -163,24 +163,46 @@ def overhead(iters: int, backend: str) -> None:
         print(f"{name:<24}{us:>9.1f}{extra}")
 
 
+# More small decoders for the replay cost: its per-op overhead matters most where kernels are
+# short (hidden 64-128), and one shape alone would hide how it scales with the work per op.
+REPLAY_COST_SHAPES = {
+    "h96, 3 layers": Qwen3Config.small(
+        hidden_size=96, num_layers=3, head_dim=24, intermediate_size=192
+    ),
+    "h128, 2 layers": Qwen3Config.small(hidden_size=128, intermediate_size=256),
+}
+
+
 def replay_cost(configs: dict[str, Qwen3Config], backend: str) -> None:
-    """The twin's replay: µs per replayed op, and raw replay against eager on the same batch."""
+    """The twin's replay: µs per replayed op, and raw replay against eager on the same batch.
+
+    Both replays of each graph: the generated Python function and the native loop (what
+    ``graph.replay`` runs where it could be built; see ascend_aclgraph.twin.native). The
+    shapes are ``configs`` and :data:`REPLAY_COST_SHAPES`.
+    """
     if backend != "cpu":
         return
     print("cpu twin replay cost (decode step, batch 4, 1 thread, median)")
-    print(f"{'model':<24}{'ops replayed':>13}{'eager µs':>10}{'replay µs':>11}{'µs/op':>7}{'x':>7}")
-    for name, cfg in configs.items():
+    header = f"{'model':<24}{'ops':>5}{'eager µs':>10}{'python µs':>11}{'µs/op':>7}"
+    header += f"{'native µs':>11}{'µs/op':>7}{'native vs eager':>17}"
+    print(header)
+    for name, cfg in {**configs, **REPLAY_COST_SHAPES}.items():
         model = Qwen3Decoder(cfg)
         x, positions, _ = _batch(cfg, 4, True)
         step = ag.capture(model, (x, positions), batch_sizes=[4], backend=backend, pad_value=PAD)
-        graph = step.graphs[4]
-        ops = graph.native.program.num_replayed
+        program = step.graphs[4].native.program
+        ops = program.num_replayed
         with torch.no_grad():
             eager_step = functools.partial(model, x, positions)
-            times = _median_us({"eager": eager_step, "replay": graph.replay}, 400)
+            times = _median_us(
+                {"eager": eager_step, "python": program.python_replay, "native": program.replay},
+                400,
+            )
+        native = "" if program.replay is not program.python_replay else "  (unavailable: python)"
         print(
-            f"{name:<24}{ops:>13}{times['eager']:>10.1f}{times['replay']:>11.1f}"
-            f"{times['replay'] / ops:>7.2f}{times['eager'] / times['replay']:>6.2f}x"
+            f"{name:<24}{ops:>5}{times['eager']:>10.1f}{times['python']:>11.1f}"
+            f"{times['python'] / ops:>7.2f}{times['native']:>11.1f}{times['native'] / ops:>7.2f}"
+            f"{times['eager'] / times['native']:>16.2f}x{native}"
         )
 
 

@@ -23,7 +23,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ascend_aclgraph.twin.recorder import OpRecord
 
-__all__ = ["fast_binding", "find_out_overload", "generate_replay", "generate_segment"]
+__all__ = [
+    "fast_binding",
+    "find_out_overload",
+    "generate_replay",
+    "generate_segment",
+    "replay_form",
+]
 
 _out_overload_cache: dict[torch._ops.OpOverload, torch._ops.OpOverload | None] = {}
 
@@ -191,31 +197,39 @@ def _is_composite(func: torch._ops.OpOverload) -> bool:
     return found
 
 
-def _emit(body: list[str], namer: _Namer, copy: str, rec: OpRecord) -> None:
-    """Append the lines that replay ``rec`` (unindented)."""
+def replay_form(rec: OpRecord) -> tuple[torch._ops.OpOverload, dict[str, Any], bool]:
+    """How ``rec`` is replayed: the overload called, its keyword arguments, and whether its new
+    tensors (``rec.fresh``) are copied from the result into the captured outputs afterwards.
+
+    The positional arguments are always ``rec.args``. Shared by the generated function and
+    the native loop (:mod:`.native`), so both replay the very same calls.
+    """
     func = rec.func
-    call_args = _call_args(namer, rec.args, rec.kwargs)
     if rec.written or not rec.fresh:
         # In-place and out= ops write their arguments: replay them exactly as called. One that
         # also returns new tensors (a custom op with mutates_args, say) has those copied into
         # the captured outputs, like a functional op without an out= overload.
-        fn = namer.bind(fast_binding(func, rec.args, rec.kwargs), "op")
-        if not rec.fresh:
-            body.append(f"{fn}({', '.join(call_args)})")
-            return
-        body.append(f"_r = {fn}({', '.join(call_args)})")
-        _copy_fresh(body, namer, copy, rec)
-        return
+        return func, rec.kwargs, bool(rec.fresh)
     out_func = None if _is_composite(func) else find_out_overload(func)
     if out_func is not None and len(rec.fresh) == len(rec.outputs):
         out_names = [a.name for a in out_func._schema.arguments if a.is_out]
-        out_kwargs = {n: rec.outputs[i] for i, n in enumerate(out_names)}
-        fn = namer.bind(fast_binding(out_func, rec.args, {**rec.kwargs, **out_kwargs}), "op")
-        outs = [f"{n}={namer.bind(rec.outputs[i], 't')}" for i, n in enumerate(out_names)]
-        body.append(f"{fn}({', '.join(call_args + outs)})")
+        return (
+            out_func,
+            {**rec.kwargs, **{n: rec.outputs[i] for i, n in enumerate(out_names)}},
+            False,
+        )
+    return func, rec.kwargs, True
+
+
+def _emit(body: list[str], namer: _Namer, copy: str, rec: OpRecord) -> None:
+    """Append the lines that replay ``rec`` (unindented)."""
+    func, kwargs, copies = replay_form(rec)
+    fn = namer.bind(fast_binding(func, rec.args, kwargs), "op")
+    call = f"{fn}({', '.join(_call_args(namer, rec.args, kwargs))})"
+    if not copies:
+        body.append(call)
         return
-    fn = namer.bind(fast_binding(func, rec.args, rec.kwargs), "op")
-    body.append(f"_r = {fn}({', '.join(call_args)})")
+    body.append(f"_r = {call}")
     _copy_fresh(body, namer, copy, rec)
 
 

@@ -39,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.twin.codegen import generate_replay
+from ascend_aclgraph.twin.native import native_replay
 from ascend_aclgraph.twin.recorder import EMPTY_FACTORIES, OpRecord, storage_key
 
 if TYPE_CHECKING:
@@ -100,9 +101,14 @@ class TwinPool:
 
 @dataclass
 class TwinProgram:
-    """The result of a capture: a replay function plus accounting."""
+    """The result of a capture: a replay function plus accounting.
+
+    ``replay`` is the native loop (:mod:`.native`) where it is available, else
+    ``python_replay``, the generated function whose source is ``source``.
+    """
 
     replay: Callable[[], None]
+    python_replay: Callable[[], None]
     source: str
     num_recorded: int
     num_replayed: int
@@ -313,9 +319,10 @@ def build_program(
     own_bytes = sum(s.nbytes() for k, s in internal.items() if k not in assigned)
     for seg in segments:
         seg.install(segment_ops[id(seg)])
-    replay, source = generate_replay(items)
+    python_replay, source = generate_replay(items)
     return TwinProgram(
-        replay=replay,
+        replay=native_replay(items) or python_replay,
+        python_replay=python_replay,
         source=source,
         num_recorded=len(records),
         num_replayed=len(replayed),

@@ -25,6 +25,8 @@ import hashlib
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +46,7 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "native_replay.cpp"
 
 # None: not tried yet; False: unavailable in this process (the build failed once).
 _module: Any = None
+_load_lock = threading.Lock()
 
 
 def enabled() -> bool:
@@ -56,33 +59,42 @@ def load() -> Any:
     global _module
     if not enabled() or _module is False:
         return None
-    if _module is None:
-        source = SOURCE.read_bytes()
-        # The extension links against this torch and Python: they are part of its name, so
-        # environments sharing one cache directory never load each other's builds.
-        key = hashlib.sha256(
-            source + torch.__version__.encode() + sys.version.encode()
-        ).hexdigest()[:16]
-        try:
-            from torch.utils import cpp_extension
+    with _load_lock:
+        if _module is None:
+            _module = _build()
+    return _module or None
 
-            _module = cpp_extension.load(
-                name=f"ascend_aclgraph_twin_replay_{key}",
-                sources=[str(SOURCE)],
-                extra_cflags=["-O2"],
-                verbose=False,
-            )
-        except Exception as exc:  # no compiler or ninja, a failed build: replay in Python
-            _module = False
-            warnings.warn(
-                f"ascend_aclgraph: the cpu twin's native replay loop could not be built ({exc}); "
-                f"replaying through generated Python instead (set {ENV_DISABLE}=1 to skip "
-                "the build)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return None
-    return _module
+
+def _build() -> Any:
+    """Compile (or load from the extension cache) the loop; ``False`` if that fails."""
+    source = SOURCE.read_bytes()
+    # The extension links against this torch and Python: they are part of its name, so
+    # environments sharing one cache directory never load each other's builds.
+    key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()
+    try:
+        from torch.utils import cpp_extension
+
+        # Compiling takes ~30 s on a small machine, once per torch and Python version (later
+        # loads come from the cache): say so, rather than stall silently.
+        log.info("ascend_aclgraph: loading the cpu twin's native replay loop (%s)", key[:16])
+        start = time.perf_counter()
+        module = cpp_extension.load(
+            name=f"ascend_aclgraph_twin_replay_{key[:16]}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O2"],
+            verbose=False,
+        )
+        log.info("ascend_aclgraph: native replay loop ready in %.1fs", time.perf_counter() - start)
+    except Exception as exc:  # no compiler or ninja, a failed build: replay in Python
+        warnings.warn(
+            f"ascend_aclgraph: the cpu twin's native replay loop could not be built ({exc}); "
+            f"replaying through generated Python instead (set {ENV_DISABLE}=1 to skip the "
+            "build)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    return module
 
 
 def native_replay(items: Sequence[OpRecord | Any]) -> Callable[[], None] | None:

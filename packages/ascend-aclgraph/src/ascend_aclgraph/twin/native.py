@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -65,12 +66,24 @@ def load() -> Any:
     return _module or None
 
 
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; a virtualenv not activated has its wheel's off it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = str(ninja.BIN_DIR) + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build() -> Any:
     """Compile (or load from the extension cache) the loop; ``False`` if that fails."""
     source = SOURCE.read_bytes()
     # The extension links against this torch and Python: they are part of its name, so
     # environments sharing one cache directory never load each other's builds.
     key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()
+    _put_ninja_on_path()
     try:
         from torch.utils import cpp_extension
 

@@ -40,11 +40,10 @@ import logging
 import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ascend_aclgraph.backends import GraphBackend, GraphPool
 from ascend_aclgraph.batch_hint import current_uniform_decode
@@ -60,7 +59,7 @@ from ascend_aclgraph.graph_context import (
 )
 from ascend_aclgraph.modes import GraphMode
 from ascend_aclgraph.piecewise import PiecewiseGraph, sum_stats
-from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs
+from ascend_aclgraph.static_inputs import CutOutputs, OutputCutter, StaticBatchInputs
 from ascend_aclgraph.stats import GraphStats
 from ascend_aclgraph.wrapper import GraphEntry, GraphOptions, GraphWrapper
 
@@ -304,26 +303,10 @@ class CompiledGraphRunner:
 
     def _cut_back(self, plan: _RunPlan, out: Any, n: int, size: int) -> Any:
         # A replay returns the very objects it returned last time: reuse their cut views.
-        if out is not plan.last_output:
-            flat, plan.spec = tree_flatten(out)
-            plan.cut = self._cut(flat, n, size)
-            plan.single = plan.spec.is_leaf()
-            # Dynamo graphs return a flat tuple of tensors: rebuild it without pytree.
-            plan.flat_tuple = plan.spec.type is tuple and all(
-                child.is_leaf() for child in plan.spec.children()
-            )
+        if out is not plan.last_output or plan.cut is None:
+            plan.cut = self._cut.structure(out, n, size)
             plan.last_output = out
-        clone = self.options.clone_outputs
-        if plan.single:
-            t = plan.cut[0]
-            return t.clone() if clone and isinstance(t, torch.Tensor) else t
-        flat = plan.cut
-        if clone:
-            flat = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
-        if plan.flat_tuple:
-            return tuple(flat)
-        assert plan.spec is not None
-        return tree_unflatten(flat, plan.spec)
+        return plan.cut.result(self.options.clone_outputs)
 
 
 @dataclass(eq=False)
@@ -335,7 +318,4 @@ class _RunPlan:
     # Set once the FULL wrapper captured this descriptor: later calls replay it directly.
     full_entry: GraphEntry | None = None
     last_output: Any = None
-    cut: list[Any] = field(default_factory=list)
-    spec: TreeSpec | None = None
-    single: bool = False
-    flat_tuple: bool = False
+    cut: CutOutputs | None = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten
 
 from ascend_aclgraph import tasks
 from ascend_aclgraph.backends import Graph, GraphBackend, get_backend
@@ -40,7 +40,12 @@ from ascend_aclgraph.graph_capture import (
     capture_callable,
     weak_ref_tensors,
 )
-from ascend_aclgraph.static_inputs import OutputCutter, StaticBatchInputs, resolve_batch_dims
+from ascend_aclgraph.static_inputs import (
+    CutOutputs,
+    OutputCutter,
+    StaticBatchInputs,
+    resolve_batch_dims,
+)
 from ascend_aclgraph.stats import GraphStats
 
 __all__ = ["CapturedCallable", "capture"]
@@ -62,9 +67,7 @@ class _CallPlan:
     """Everything a call of batch size ``n`` needs, worked out once (slicing, lookups)."""
 
     entry: _SizeEntry
-    outputs: list[Any]
-    # The output is one tensor: return it without a pytree round trip.
-    single: bool
+    outputs: CutOutputs
 
 
 def _progress(total: int, enabled: bool | None, desc: str) -> Any:
@@ -191,9 +194,10 @@ class CapturedCallable:
         entry = self._entries.get(size) if size is not None else None
         if entry is None or entry.graph is None:
             return None
-        outputs = self._cut(entry.flat_outputs, n, entry.size)
         assert entry.spec is not None
-        return _CallPlan(entry, outputs, entry.spec.is_leaf())
+        return _CallPlan(
+            entry, CutOutputs(self._cut(entry.flat_outputs, n, entry.size), entry.spec)
+        )
 
     def __call__(self, *args: Any, task_args: dict[str, Any] | None = None) -> Any:
         """Run one batch: replay the graph of the next capture size up, or run eagerly.
@@ -227,15 +231,7 @@ class CapturedCallable:
                 graph.replay()
             inputs.copy_back(args, n)
             self.stats.replays += 1
-            clone = self.clone_outputs
-            if plan.single:
-                out = plan.outputs[0]
-                return out.clone() if clone and isinstance(out, torch.Tensor) else out
-            outs = plan.outputs
-            if clone:
-                outs = [t.clone() if isinstance(t, torch.Tensor) else t for t in outs]
-            assert entry.spec is not None
-            return tree_unflatten(outs, entry.spec)
+            return plan.outputs.result(self.clone_outputs)
 
     def _run_eagerly_note(self, n: int) -> None:
         if n <= self.sizes.max_size and not self.exact_sizes:

@@ -22,11 +22,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ascend_aclgraph.batch_layout import InputSpec, OutputSpec
 from ascend_aclgraph.errors import GraphInputError
 
-__all__ = ["OutputCutter", "StaticBatchInputs", "resolve_batch_dims"]
+__all__ = ["CutOutputs", "OutputCutter", "StaticBatchInputs", "resolve_batch_dims"]
 
 
 def resolve_batch_dims(
@@ -305,3 +306,34 @@ class OutputCutter:
                 value = n * spec.factor
             out.append(value)
         return out
+
+    def structure(self, out: Any, n: int, size: int) -> CutOutputs:
+        """``out`` (any pytree) cut back to ``n``, ready to hand over on every later call."""
+        flat, spec = tree_flatten(out)
+        return CutOutputs(self(flat, n, size), spec)
+
+
+class CutOutputs:
+    """A graph's outputs cut back to the real batch: views made once, handed over per call.
+
+    A replay rewrites the same output tensors, so the cut views stay valid; each call returns
+    them (or clones of them) in the caller's structure, without a pytree round trip for the
+    common shapes (one tensor; dynamo's flat tuple).
+    """
+
+    def __init__(self, flat: list[Any], spec: TreeSpec) -> None:
+        self.flat = flat
+        self.spec = spec
+        self.single = spec.is_leaf()
+        self.flat_tuple = spec.type is tuple and all(c.is_leaf() for c in spec.children())
+
+    def result(self, clone: bool) -> Any:
+        if self.single:
+            t = self.flat[0]
+            return t.clone() if clone and isinstance(t, torch.Tensor) else t
+        flat = self.flat
+        if clone:
+            flat = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+        if self.flat_tuple:
+            return tuple(flat)
+        return tree_unflatten(flat, self.spec)

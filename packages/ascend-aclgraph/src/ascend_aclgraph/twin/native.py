@@ -87,12 +87,18 @@ def _build() -> Any:
     try:
         from torch.utils import cpp_extension
 
-        # Compiling takes ~30 s on a small machine, once per torch and Python version (later
-        # loads come from the cache): say so, rather than stall silently.
-        log.info("ascend_aclgraph: loading the cpu twin's native replay loop (%s)", key[:16])
+        name = f"ascend_aclgraph_twin_replay_{key[:16]}"
+        built = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"
+        # Compiling takes ~30 s on a small machine, once per source, torch and Python version
+        # (later loads come from the cache): say so, rather than stall silently.
+        if not built.exists():
+            log.warning(
+                "ascend_aclgraph: compiling the cpu twin's native replay loop (once per torch "
+                "and Python version; ~30 s)"
+            )
         start = time.perf_counter()
         module = cpp_extension.load(
-            name=f"ascend_aclgraph_twin_replay_{key[:16]}",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O2"],
             verbose=False,

@@ -238,8 +238,6 @@ def layout_for_callable(
     sample_args: Sequence[Any],
     dims: Sequence[int | None],
     pad_value: PadValues,
-    *,
-    state: Sequence[bool] | None = None,
 ) -> BatchLayout:
     """The layout of ``fn(*sample_args)`` for :func:`ascend_aclgraph.capture`.
 
@@ -249,19 +247,23 @@ def layout_for_callable(
     """
     names, not_passed = _argument_names(_original(fn), len(sample_args))
     pads = resolve_pad_values(pad_value, names, optional=not_passed)
+    owned = _module_state(fn)
     inputs: list[InputSpec] = []
     for i, (arg, dim) in enumerate(zip(sample_args, dims, strict=True)):
-        if dim is not None and isinstance(arg, torch.Tensor):
-            inputs.append(InputSpec("batched", dim, pads[i], name=names[i]))
-        elif isinstance(arg, torch.Tensor):
+        if not isinstance(arg, torch.Tensor):
+            inputs.append(InputSpec("host", None, None, name=names[i]))
+        elif dim is None or isinstance(arg, torch.nn.Parameter) or id(arg) in owned:
             inputs.append(InputSpec("state", None, None, name=names[i]))
         else:
-            inputs.append(InputSpec("host", None, None, name=names[i]))
-    if state is not None:
-        for i, is_state in enumerate(state):
-            if is_state and inputs[i].role == "batched":
-                inputs[i] = InputSpec("state", None, None, name=names[i])
+            inputs.append(InputSpec("batched", dim, pads[i], name=names[i]))
     return _analyze(_original(fn), sample_args, inputs)
+
+
+def _module_state(fn: Callable[..., Any]) -> set[int]:
+    """Ids of ``fn``'s parameters and buffers when it is a module: its state, never batched."""
+    if not isinstance(fn, torch.nn.Module):
+        return set()
+    return {id(t) for t in fn.parameters()} | {id(t) for t in fn.buffers()}
 
 
 def _original(fn: Callable[..., Any]) -> Callable[..., Any]:

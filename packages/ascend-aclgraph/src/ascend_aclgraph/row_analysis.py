@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -730,6 +730,3 @@ def describe(reasons: Sequence[str]) -> str:
         return "rows are independent"
     more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
     return reasons[0] + more
-
-
-_Callable = Callable[..., Any]

@@ -117,7 +117,6 @@ class CapturedCallable:
             self._sample_args,
             resolve_batch_dims(self._sample_args, dynamic_dim),
             pad_value,
-            state=_module_state_flags(fn, self._sample_args),
         )
         # Padding is only sound when real rows never see padding rows; otherwise (or on
         # request) a graph serves exactly its own size.
@@ -245,14 +244,6 @@ class CapturedCallable:
                 "stats.eager_fallbacks)",
                 n,
             )
-
-
-def _module_state_flags(fn: Any, args: Sequence[Any]) -> list[bool]:
-    """Per argument: is it a parameter or buffer (of ``fn`` if it is a module)? Never batched."""
-    owned: set[int] = set()
-    if isinstance(fn, torch.nn.Module):
-        owned = {id(t) for t in fn.parameters()} | {id(t) for t in fn.buffers()}
-    return [isinstance(a, torch.nn.Parameter) or id(a) in owned for a in args]
 
 
 def _pad_task_args(values: dict[str, Any], n: int, size: int) -> dict[str, Any]:

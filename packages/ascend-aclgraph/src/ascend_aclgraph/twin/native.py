@@ -66,6 +66,23 @@ def load() -> Any:
     return _module or None
 
 
+def _import_cpp_extension() -> Any:
+    """``torch.utils.cpp_extension``, without its import-time CUDA notice.
+
+    With a CUDA build of torch on a machine without a GPU, importing it logs "No CUDA runtime
+    is found" on stderr. The loop is plain CPU code that never looks for CUDA, so on a normal
+    run that line would only be noise.
+    """
+    notices = logging.getLogger("torch.utils.cpp_extension")
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        notices.setLevel(level)
+    return cpp_extension
+
+
 def _put_ninja_on_path() -> None:
     """cpp_extension runs ``ninja`` from PATH; a virtualenv not activated has its wheel's off it."""
     if shutil.which("ninja") is not None:
@@ -85,7 +102,7 @@ def _build() -> Any:
     key = hashlib.sha256(source + torch.__version__.encode() + sys.version.encode()).hexdigest()
     _put_ninja_on_path()
     try:
-        from torch.utils import cpp_extension
+        cpp_extension = _import_cpp_extension()
 
         name = f"ascend_aclgraph_twin_replay_{key[:16]}"
         built = Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so"

@@ -51,7 +51,7 @@ from ascend_aclgraph.row_analysis import register_row_wise_op
 from ascend_aclgraph.splitting import DEFAULT_SPLITTING_OPS, SplittingOps, split_graph
 from ascend_aclgraph.standalone import CapturedCallable, capture
 from ascend_aclgraph.stats import GraphStats
-from ascend_aclgraph.tasks import UpdatableTask, updatable
+from ascend_aclgraph.tasks import UpdatableTask, declare_host_tensor_arguments, updatable
 from ascend_aclgraph.wrapper import GraphEntry, GraphOptions, GraphWrapper
 
 try:
@@ -97,6 +97,7 @@ __all__ = [
     "capture",
     "current_graph_context",
     "current_uniform_decode",
+    "declare_host_tensor_arguments",
     "default_capture_sizes",
     "get_backend",
     "graph_context",

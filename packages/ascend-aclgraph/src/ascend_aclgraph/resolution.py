@@ -26,14 +26,16 @@ _NO_PIECEWISE = "attention is not split, so PIECEWISE graphs are unavailable"
 class _Narrowing:
     """The mode being resolved plus one reason per narrowing step so far."""
 
-    def __init__(self, mode: GraphMode) -> None:
+    def __init__(self, mode: GraphMode, log: bool) -> None:
         self.mode = mode
+        self.log = log
         self.reasons: list[str] = []
 
     def to(self, new: GraphMode, cause: str) -> None:
         # One line per step, logged and returned verbatim, so the log and `explain` agree.
         line = f"{self.mode.name} narrowed to {new.name}: {cause}"
-        logger.warning("%s", line)
+        if self.log:
+            logger.warning("%s", line)
         self.reasons.append(line)
         self.mode = new
 
@@ -60,6 +62,7 @@ def resolve_graph_mode(
     context_parallel: bool = False,
     encoder_decoder: bool = False,
     attention_backend: str | None = None,
+    log: bool = True,
 ) -> tuple[GraphMode, list[str]]:
     """Narrow ``requested`` to the graph mode that can run, and say why.
 
@@ -80,11 +83,14 @@ def resolve_graph_mode(
         attention_backend: name of the weakest backend, matched in any case. With an explicit
             ``attention_support`` it is only used in the explanations and may be any name;
             without one it must be a known Ascend backend.
+        log: log each narrowing here. Integrations that resolve the same configuration in
+            several processes or several times (vLLM's engine re-runs its config setup) pass
+            ``False`` and log the returned reasons once themselves.
 
     Returns:
         ``(effective_mode, reasons)``: one reason per narrowing step, in order, each of the form
-        ``"<FROM> narrowed to <TO>: <cause>"``. The same line is logged once at WARNING level on
-        this module's logger. An unchanged mode gives an empty list.
+        ``"<FROM> narrowed to <TO>: <cause>"``. Unless ``log`` is false, the same line is logged
+        once at WARNING level on this module's logger. An unchanged mode gives an empty list.
 
     Rules, applied once each in this fixed order (each sees the result of the previous ones):
 
@@ -126,7 +132,7 @@ def resolve_graph_mode(
     backend = f"attention backend {backend_name}" if backend_name else "the attention backend"
     no_piecewise = "" if split else f", and {_NO_PIECEWISE}"
 
-    state = _Narrowing(original)
+    state = _Narrowing(original, log)
     if state.mode is GraphMode.NONE:
         return state.mode, state.reasons
 

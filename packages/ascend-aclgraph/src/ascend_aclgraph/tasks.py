@@ -43,9 +43,39 @@ from ascend_aclgraph.errors import TaskUpdateError
 if TYPE_CHECKING:
     from ascend_aclgraph.backends.base import Graph
 
-__all__ = ["UpdatableTask", "capturing_into", "current_capture", "task_overrides", "updatable"]
+__all__ = [
+    "UpdatableTask",
+    "capturing_into",
+    "current_capture",
+    "declare_host_tensor_arguments",
+    "task_overrides",
+    "updatable",
+]
 
 _state = threading.local()
+
+# op -> names of its tensor arguments that are host-side data (see declare_host_tensor_arguments).
+_HOST_TENSOR_ARGUMENTS: dict[Any, frozenset[str]] = {}
+
+
+def declare_host_tensor_arguments(op: Callable[..., Any], *names: str) -> None:
+    """Declare tensor arguments of ``op`` that carry host-side launch data, not device buffers.
+
+    Some kernels take their tiling or work partition as a host tensor computed for each step
+    (vLLM's CPU attention takes ``scheduler_metadata``, whose size depends on the sequence
+    lengths). For an updatable task such an argument is a host value: an update replaces the
+    tensor itself, of any shape, and the task is rewritten with it, exactly as an ``int[]``
+    of sequence lengths is on the NPU. Other tensor arguments are device buffers, updated by
+    copying into the captured tensor.
+    """
+    known = _argument_names(op)
+    unknown = [n for n in names if known is not None and n not in known]
+    if unknown:
+        raise TaskUpdateError(
+            f"{getattr(op, '__name__', op)!s} has no argument(s) {unknown}; its arguments are: "
+            f"{', '.join(known or [])}"
+        )
+    _HOST_TENSOR_ARGUMENTS[op] = _HOST_TENSOR_ARGUMENTS.get(op, frozenset()) | frozenset(names)
 
 
 def current_capture() -> Graph | None:
@@ -99,6 +129,7 @@ class UpdatableTask:
         self.args = args
         self.kwargs = dict(kwargs)
         self.arg_names = _argument_names(op)
+        self.host_tensor_args = _HOST_TENSOR_ARGUMENTS.get(op, frozenset())
         # Backend-specific state: the twin's task segment, the NPU task-group handle and event.
         self.handle: Any = None
         self.event: Any = None
@@ -142,7 +173,14 @@ class UpdatableTask:
         host_changes: dict[str, Any] = {}
         for name, value in changes.items():
             old = self.current(name)
-            if isinstance(old, torch.Tensor):
+            if name in self.host_tensor_args:
+                if not isinstance(value, torch.Tensor):
+                    raise TaskUpdateError(
+                        f"argument {name!r} of {self.describe()} is host-side data held in a "
+                        f"tensor; update it with a tensor, got {type(value).__name__}"
+                    )
+                host_changes[name] = value
+            elif isinstance(old, torch.Tensor):
                 if not isinstance(value, torch.Tensor):
                     raise TaskUpdateError(
                         f"argument {name!r} of {self.describe()} was captured as a tensor; "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ascend_aclgraph.backends import Graph, GraphBackend, GraphPool, get_backend
+from ascend_aclgraph.backends.base import TaskUpdates
 from ascend_aclgraph.errors import GraphInputError
 from ascend_aclgraph.graph_capture import (
     CaptureFailures,
@@ -78,7 +79,8 @@ class GraphOptions:
 
 @dataclass
 class GraphEntry:
-    descriptor: BatchDescriptor
+    # A BatchDescriptor, or the integration's own key type (vLLM's BatchDescriptor).
+    descriptor: Hashable
     warmups_done: int = 0
     graph: Graph | None = None
     # Non-owning views of the captured outputs: the entry never keeps their memory alive.
@@ -115,7 +117,7 @@ class GraphWrapper:
         self.backend = get_backend(backend)
         self.pool = pool if pool is not None else self.backend.new_pool()
         self.options = options or GraphOptions()
-        self.entries: dict[BatchDescriptor, GraphEntry] = {}
+        self.entries: dict[Hashable, GraphEntry] = {}
         self.stats = GraphStats()
         self._failures = CaptureFailures(self.options.on_capture_failure, self.stats)
         self._lock = threading.RLock()
@@ -130,14 +132,34 @@ class GraphWrapper:
             return getattr(runnable, key)
         raise AttributeError(f"{type(self).__name__} and its runnable have no attribute {key!r}")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def graph_key(self) -> Hashable | None:
+        """The descriptor to capture or replay for this call, or ``None`` to run eagerly.
+
+        Read from the current :func:`~ascend_aclgraph.graph_context.graph_context`: a key only
+        when its runtime mode is this wrapper's. Integrations that keep the mode and descriptor
+        elsewhere (vLLM's forward context) override this one method.
+        """
         ctx = current_graph_context()
-        if ctx.runtime_mode is not self.runtime_mode or ctx.descriptor is None:
+        if ctx.runtime_mode is not self.runtime_mode:
+            return None
+        return ctx.descriptor
+
+    def task_updates(self, entry: GraphEntry) -> TaskUpdates | None:
+        """Changes to the tasks of ``entry``'s graph for the replay about to run (none here).
+
+        An integration whose captured tasks take per-step host values (attention's sequence
+        lengths) returns them here; the backend applies them in its device's order.
+        """
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.graph_key()
+        if key is None:
             return self.runnable(*args, **kwargs)
         with self._lock:
-            entry = self.entries.get(ctx.descriptor)
+            entry = self.entries.get(key)
             if entry is None:
-                entry = self.entries[ctx.descriptor] = GraphEntry(ctx.descriptor)
+                entry = self.entries[key] = GraphEntry(key)
             if entry.eager:
                 return self.runnable(*args, **kwargs)
             if entry.graph is None:
@@ -153,7 +175,7 @@ class GraphWrapper:
                         f"{entry.input_addresses} but is replayed with {addresses}: copy new data "
                         "into the captured input tensors instead of passing new tensors"
                     )
-            entry.graph.replay()
+            entry.graph.replay(self.task_updates(entry))
             self.stats.replays += 1
             return entry.output
 
@@ -172,14 +194,16 @@ class GraphWrapper:
         entry.output = weak_ref_tensors(output)
         entry.graph = captured.graph
         entry.input_addresses = _tensor_addresses(args, kwargs)
-        self.stats.record_capture(entry.descriptor.num_tokens, captured.seconds)
+        # Every descriptor type we key on (ours, vLLM's) carries the padded token count.
+        num_tokens = int(getattr(entry.descriptor, "num_tokens", 0))
+        self.stats.record_capture(num_tokens, captured.seconds)
         self.stats.pool_bytes = self.pool.nbytes
         logger.debug("captured %s in %.3fs", entry.descriptor, captured.seconds)
         # Unless weak_ref_outputs, the real outputs: while the caller holds them (the next piece
         # of a piecewise graph reads them during this forward), no capture takes their memory.
         return output
 
-    def update_tasks(self, descriptor: BatchDescriptor, **changes: Any) -> int:
+    def update_tasks(self, descriptor: Hashable, **changes: Any) -> int:
         """Stage ``changes`` for every updatable task of ``descriptor``'s graph.
 
         The wrapper's next replay of that graph applies them, in the device's order (on the

@@ -94,6 +94,14 @@ class Graph:
         for task in staged:
             task._applied()
 
+    def op_names(self) -> tuple[str, ...] | None:
+        """Qualified names (``ns::op``) of the operators a replay launches, where knowable.
+
+        The cpu twin knows them (its replay is a recorded op list); device graphs are opaque
+        to the host, so ``None`` there.
+        """
+        return self.backend.op_names(self)
+
     def updates_for(self, changes: Mapping[str, Any]) -> dict[UpdatableTask, dict[str, Any]]:
         """``changes`` for every task of this graph that takes all of those arguments.
 
@@ -198,6 +206,10 @@ class GraphBackend(abc.ABC):
         """
 
     # --- shared behaviour ------------------------------------------------------------------
+
+    def op_names(self, graph: Graph) -> tuple[str, ...] | None:
+        """See :meth:`Graph.op_names`; device backends cannot look inside a graph."""
+        return None
 
     @contextlib.contextmanager
     def capture(self, graph: Graph) -> Iterator[None]:

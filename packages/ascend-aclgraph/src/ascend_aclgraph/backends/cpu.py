@@ -127,6 +127,10 @@ class CpuTwinBackend(GraphBackend):
             self.update_host_args(task, changes)
         graph.native.replay()
 
+    def op_names(self, graph: Graph) -> tuple[str, ...] | None:
+        program = graph.native.program
+        return None if program is None else program.replayed_ops
+
     def reset(self, graph: Graph) -> None:
         graph.native.program = None
         graph.native.outputs = None

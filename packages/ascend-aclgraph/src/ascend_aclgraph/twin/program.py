@@ -40,7 +40,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ascend_aclgraph.errors import CaptureError
 from ascend_aclgraph.twin.codegen import generate_replay
 from ascend_aclgraph.twin.native import native_replay
-from ascend_aclgraph.twin.recorder import EMPTY_FACTORIES, OpRecord, storage_key
+from ascend_aclgraph.twin.recorder import (
+    EMPTY_FACTORIES,
+    EMPTY_POISON_BYTE,
+    OpRecord,
+    storage_bytes,
+    storage_key,
+)
 
 if TYPE_CHECKING:
     from ascend_aclgraph.twin.segment import TaskSegment
@@ -112,6 +118,8 @@ class TwinProgram:
     source: str
     num_recorded: int
     num_replayed: int
+    # Qualified names (``ns::op``) of the ops a replay runs, in order: what a graph launches.
+    replayed_ops: tuple[str, ...]
     planned_bytes: int
     # Memory this graph keeps for itself: folded constants and storages held from outside.
     own_bytes: int
@@ -186,21 +194,47 @@ def _rebuild_mutated_constants(
 
 def check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.Tensor]) -> None:
     """Refuse a storage from ``empty`` that is read (or an output) but no recorded op wrote."""
-    from_empty: dict[int, OpRecord] = {}
+    from_empty: dict[int, tuple[OpRecord, torch.Tensor]] = {}
     written: set[int] = set()
-    read: set[int] = {storage_key(t) for t in outputs}
+    returned = {storage_key(t) for t in outputs}
+    read: set[int] = set()
     for rec in records:
         if rec.func._schema.name in EMPTY_FACTORIES:
-            from_empty.update((storage_key(rec.outputs[i]), rec) for i in rec.fresh)
+            from_empty.update((storage_key(rec.outputs[i]), (rec, rec.outputs[i])) for i in rec.fresh)
         written.update(storage_key(t) for t in rec.written)
-        read.update(storage_key(t) for t in rec.read_tensors() if t.numel())
-    for key, rec in from_empty.items():
-        if key in read and key not in written:
+        if rec.computes():  # a view only aliases its input; what reads the view counts
+            read.update(storage_key(t) for t in rec.read_tensors() if t.numel())
+    for key, (rec, tensor) in from_empty.items():
+        if key in written:
+            continue
+        # Read by a recorded op: whatever filled it ran outside the dispatcher. Only returned:
+        # a buffer the caller fills after the graph (vLLM's piecewise graphs return attention's
+        # output buffer, which the attention op between the pieces writes) keeps the bytes the
+        # recorder filled it with; anything else was written by code the twin cannot replay.
+        untracked = key in read or (
+            key in returned
+            and bool((storage_bytes(tensor) != EMPTY_POISON_BYTE).any())
+        )
+        if untracked:
+            reader = next(
+                (
+                    r
+                    for r in records
+                    if r.computes() and key in {storage_key(t) for t in r.read_tensors()}
+                ),
+                None,
+            )
+            how = (
+                f"read by {reader.func}{' at ' + reader.location if reader.location else ''}"
+                if reader is not None
+                else "returned by the graph with contents"
+            )
             raise CaptureError(
-                f"a tensor allocated by {rec.func} during capture is read but never written by "
-                "any operator the twin saw: it was filled by code that bypasses the PyTorch "
-                "dispatcher (for example inductor-generated kernels), which the cpu twin cannot "
-                "replay. Capture the eager (or backend='eager') function instead."
+                f"a tensor allocated by {rec.func}"
+                f"{' at ' + rec.location if rec.location else ''} during capture is {how}, but "
+                "no operator the twin saw wrote it: it was filled by code that bypasses the "
+                "PyTorch dispatcher (for example inductor-generated kernels), which the cpu twin "
+                "cannot replay. Capture the eager (or backend='eager') function instead."
             )
 
 
@@ -326,6 +360,7 @@ def build_program(
         source=source,
         num_recorded=len(records),
         num_replayed=len(replayed),
+        replayed_ops=tuple(rec.func._schema.name for rec in replayed),
         planned_bytes=planned_bytes,
         own_bytes=own_bytes,
     )

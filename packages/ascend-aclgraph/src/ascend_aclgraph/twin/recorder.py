@@ -16,13 +16,21 @@ from ascend_aclgraph.twin.python_body import python_body_keys, run_python_body
 
 __all__ = [
     "EMPTY_FACTORIES",
+    "EMPTY_POISON_BYTE",
     "OpRecord",
     "Recorder",
     "freeze",
     "iter_tensors",
+    "storage_bytes",
     "storage_key",
     "written_args",
 ]
+
+# Bytes the twin fills fresh ``empty`` storages with at capture. Their contents are undefined,
+# so any value is allowed; a known one lets the capture tell an output that nothing wrote (an
+# attention output buffer of a piecewise graph, filled after it) from one written by code the
+# twin cannot see (an inductor kernel).
+EMPTY_POISON_BYTE = 0xA5
 
 # Factories whose result holds undefined values until an op writes it.
 EMPTY_FACTORIES = {
@@ -32,6 +40,12 @@ EMPTY_FACTORIES = {
     "aten::new_empty",
     "aten::new_empty_strided",
 }
+
+
+def storage_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor over all of ``t``'s storage (made and used outside any dispatch mode)."""
+    with torch._C._DisableTorchDispatch():
+        return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -216,6 +230,9 @@ class Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if key not in input_keys and key not in self.internal:
                 self.internal[key] = out.untyped_storage()
                 fresh.append(i)
+        if func._schema.name in EMPTY_FACTORIES:
+            for i in fresh:
+                storage_bytes(outputs[i]).fill_(EMPTY_POISON_BYTE)
         self.records.append(
             OpRecord(
                 func=func,

@@ -1,0 +1,1 @@
+"""Attention backends of the plugin's platforms: FULL-graph capable, with per-replay updates."""

@@ -1,0 +1,1 @@
+"""vLLM platforms of the plugin: the NPU platform and its CPU twin."""

@@ -1,0 +1,63 @@
+"""The CPU twin platform: vLLM's CPU platform running the plugin's graph logic on the cpu twin.
+
+Selected with ``VLLM_ASCEND_PLUGIN_DEVICE=cpu``. Everything about the device stays vLLM's CPU
+platform (memory, threads, its attention kernel, its custom ops); the graph side is the NPU
+platform's: the same config normalisation, wrapper, compiler, runner and per-replay attention
+updates, with ascend_aclgraph's ``cpu`` backend, which keeps a device graph's contract (static
+addresses, baked host values, refused host syncs). So a generation here proves the graph logic
+the NPU runs, token for token against eager.
+
+vLLM's CPU platform switches graph mode off in its ``check_and_update_config`` (it empties the
+capture sizes and turns ``VLLM_COMPILE`` into ``DYNAMO_TRACE_ONCE``); this platform saves what
+the user asked for before that runs and restores it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import ascend_aclgraph as ag
+from vllm.platforms.cpu import CpuPlatform
+
+from vllm_ascend_plugin.platforms.common import GraphPlatformMixin
+
+__all__ = ["CpuTwinPlatform"]
+
+_ATTENTION = "vllm_ascend_plugin.attention.cpu.AscendCPUAttentionBackend"
+_WORKER = "vllm_ascend_plugin.worker.cpu_worker.CpuTwinWorker"
+
+
+class CpuTwinPlatform(GraphPlatformMixin, CpuPlatform):
+    """vLLM's ``CpuPlatform`` with the plugin's graph mode (see the module docstring)."""
+
+    graph_backend: ClassVar[str] = "cpu"
+    # AscendCPUAttentionMetadataBuilder's declaration (FULL graphs of uniform decode batches).
+    attention_support: ClassVar[ag.AttentionSupport] = (
+        ag.AttentionSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: Any) -> None:
+        # Imported here: this module loads while vllm.config is still initialising.
+        from vllm_ascend_plugin.graph_config import SavedGraphConfig, configure_graph_mode
+
+        saved = SavedGraphConfig.take(vllm_config)
+        worker_cls = vllm_config.parallel_config.worker_cls
+        super().check_and_update_config(vllm_config)
+        configure_graph_mode(
+            vllm_config,
+            saved,
+            attention_support=cls.attention_support,
+            native_forwards_for_fusion=True,
+            # A worker class the user chose is kept; CpuPlatform's default becomes ours.
+            worker_cls=_WORKER if worker_cls in ("auto", _WORKER) else None,
+        )
+
+    @classmethod
+    def get_attn_backend_cls(
+        cls, selected_backend: Any, attn_selector_config: Any, num_heads: int | None = None
+    ) -> str:
+        path = super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
+        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            return path  # MLA on CPU: vLLM's backend, which declares its own graph support
+        return _ATTENTION

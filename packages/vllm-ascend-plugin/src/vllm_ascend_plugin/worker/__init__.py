@@ -1,0 +1,1 @@
+"""Workers and model runners of the plugin's platforms."""

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from ascend_npugraph_ex.passes.in_place import restore_in_place_ops
+
 from ascend_npugraph_ex.errors import NpugraphExError, NpugraphExOptionsError
 from ascend_npugraph_ex.options import NpugraphExOptions
 from ascend_npugraph_ex.passes.manager import PassManager
@@ -116,17 +118,22 @@ def compile_graph(
     def fw_compiler(fgm: fx.GraphModule, fex: Sequence[Any]) -> CompiledGraph:
         if manager.enabled:
             manager(fgm)
+        restore_in_place_ops(fgm)
         if cache is None:
             return fgm
         if _is_npu(fex):
             return _npu_static_kernel(fgm, fex, opts)
         return cache.load_or_build(fgm, fex)
 
-    compiled: CompiledGraph = aot_module_simplified(
-        gm,
-        list(example_inputs),
-        fw_compiler=fw_compiler,  # type: ignore[arg-type]  # a plain callable is accepted
-    )
+    # Our forward compiler returns a GraphModule, not inductor's OutputCode, so AOTAutograd's
+    # cache cannot hold it: callers that switch the cache on (vLLM does, around its piecewise
+    # compiles) would otherwise fail with "expected OutputCode".
+    with torch._functorch.config.patch(enable_autograd_cache=False, bundled_autograd_cache=False):
+        compiled: CompiledGraph = aot_module_simplified(
+            gm,
+            list(example_inputs),
+            fw_compiler=fw_compiler,  # type: ignore[arg-type]  # a plain callable is accepted
+        )
     if not opts.force_eager:
         compiled = _capture(gm, compiled, example_inputs, opts)
     return compiled, manager

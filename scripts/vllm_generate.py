@@ -1,0 +1,112 @@
+"""One offline vLLM generation, run in its own process, reported as one JSON line.
+
+The vLLM tests and the README's demo both run every graph mode through this script, so they
+measure and compare the same way. Each run is a fresh process: vLLM keeps process-wide state
+(its platform, compile caches, the engine), and a second ``LLM`` in one process is not how
+anyone serves.
+
+    python scripts/vllm_generate.py '{"model": DIR, "mode": "FULL_DECODE_ONLY"}'
+
+The spec (a JSON object): ``model`` (a checkpoint directory), ``mode`` (a cudagraph_mode name,
+or ``"eager"`` for ``enforce_eager=True``), and optionally ``prompts``, ``max_tokens``,
+``capture_sizes``, ``max_num_seqs``, ``additional_config`` and ``dtype``. The last stdout line is
+``RESULT {...}``: the greedy token ids per prompt, start-up seconds (``LLM()`` to ready), the
+time to first token and ms per output token of a single-request run, and the worker's
+``graph_report``. A failure to start prints ``ERROR {"type": ..., "message": ...}`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+DEFAULT_PROMPTS = [
+    "def main():",
+    "import os\nimport sys\n\nclass Config(object):\n    def __init__(self, path):",
+    "hello",
+    "for i in range(10):\n    total = total + i * i\nprint(total)",
+]
+
+
+def _engine_args(spec: dict[str, Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "model": spec["model"],
+        "dtype": spec.get("dtype", "float32"),
+        "max_model_len": spec.get("max_model_len", 256),
+        "max_num_seqs": spec.get("max_num_seqs", 8),
+        # The default fraction fails on these machines' NUMA report (DESIGN.md).
+        "gpu_memory_utilization": 0.5,
+        "seed": 0,
+    }
+    mode = spec["mode"]
+    if mode == "eager":
+        args["enforce_eager"] = True
+    elif mode != "default":
+        compilation: dict[str, Any] = {"cudagraph_mode": mode}
+        if "capture_sizes" in spec:
+            compilation["cudagraph_capture_sizes"] = spec["capture_sizes"]
+        args["compilation_config"] = compilation
+    if "additional_config" in spec:
+        args["additional_config"] = spec["additional_config"]
+    return args
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(**_engine_args(spec))
+    startup = time.perf_counter() - start
+
+    prompts = spec.get("prompts", DEFAULT_PROMPTS)
+    greedy = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 12))
+    outputs = llm.generate(prompts, greedy, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    # Counters of this batch alone, before the latency runs below add their own.
+    reports = llm.collective_rpc("graph_report")
+
+    # Latency of one request alone: the first token (prefill) and the decode steps after it.
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=33, ignore_eos=True)
+    if spec.get("latency", True):
+        ttft = _median_seconds(lambda: llm.generate(prompts[1], one, use_tqdm=False))
+        total = _median_seconds(lambda: llm.generate(prompts[1], many, use_tqdm=False))
+    else:
+        ttft = total = float("nan")
+    return {
+        "mode": spec["mode"],
+        "tokens": tokens,
+        "startup_s": startup,
+        "ttft_ms": ttft * 1e3,
+        "tpot_ms": (total - ttft) / 32 * 1e3,
+        "reports": reports,
+    }
+
+
+def _median_seconds(fn: Any, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    try:
+        result = run(spec)
+    except Exception as exc:  # reported to the parent, which decides what it means
+        print("ERROR " + json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        return 1
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

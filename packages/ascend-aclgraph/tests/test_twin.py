@@ -219,3 +219,38 @@ def test_replay_runs_without_autograd_even_if_weights_require_grad() -> None:
     assert torch.is_grad_enabled()
     with torch.no_grad():
         assert torch.equal(out, lin(x))
+
+
+def test_a_returned_buffer_nothing_writes_is_accepted_and_stays_unwritten() -> None:
+    # vLLM's piecewise graphs return attention's output buffer, allocated in the piece and
+    # written by the attention op that runs between pieces.
+    def piece(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, torch.empty_like(x)
+
+    x = torch.randn(3)
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        doubled, buffer = piece(x)
+        graph.declare_outputs([doubled, buffer])
+    assert graph.captured
+    buffer.fill_(7.0)  # the caller fills it after the graph, as vLLM's attention does
+    x.copy_(torch.randn(3))
+    graph.replay()
+    assert torch.equal(doubled, x * 2)
+    assert torch.equal(buffer, torch.full((3,), 7.0))  # a replay does not touch it
+
+
+def test_a_returned_buffer_written_behind_the_dispatcher_is_refused() -> None:
+    import ctypes
+
+    def sneaky(x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        ctypes.memset(out.data_ptr(), 0, out.nbytes)  # as an inductor kernel would
+        return out
+
+    graph = backend.new_graph(backend.new_pool())
+    with (
+        pytest.raises(ag.CaptureError, match="returned by the graph"),
+        backend.capture(graph),
+    ):
+        graph.declare_outputs([sneaky(torch.randn(3))])

@@ -426,3 +426,37 @@ def test_capture_api_task_args_pad_and_match_eager() -> None:
         captured(q6, task_args={"seq_lens": lens6}), _reference(q6 * 2.0, k[:6], v[:6], lens6) + 1
     )
     assert captured.stats.eager_fallbacks == 1
+
+
+@torch.library.custom_op("aclgraph_test::planned_scale_out", mutates_args=("out",))
+def _planned_scale_out(x: torch.Tensor, plan: torch.Tensor, out: torch.Tensor) -> None:
+    # ``plan`` is host-side launch data whose length varies per step (like vLLM's CPU attention
+    # scheduler metadata): the kernel reads its sum as the scale.
+    out.copy_(x * plan.sum())
+
+
+ag.declare_host_tensor_arguments(torch.ops.aclgraph_test.planned_scale_out.default, "plan")
+
+
+def test_a_host_tensor_argument_is_replaced_whatever_its_shape() -> None:
+    backend = ag.get_backend("cpu")
+    op = torch.ops.aclgraph_test.planned_scale_out.default
+    x, out = torch.randn(4), torch.empty(4)
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        ag.updatable(op, x, torch.tensor([1.0]), out)
+    (task,) = graph.tasks
+    new_plan = torch.tensor([1.0, 2.0, 3.0])  # another length: a device buffer could not take it
+    graph.replay({task: {"plan": new_plan}})
+    assert torch.equal(out, x * 6.0)
+    graph.replay()  # the task keeps its last plan
+    assert torch.equal(out, x * 6.0)
+    with pytest.raises(ag.TaskUpdateError, match="update it with a tensor"):
+        task.update(plan=3)
+
+
+def test_declaring_an_unknown_host_argument_names_the_real_ones() -> None:
+    with pytest.raises(ag.TaskUpdateError, match="x, plan, out"):
+        ag.declare_host_tensor_arguments(
+            torch.ops.aclgraph_test.planned_scale_out.default, "scheduler_metadata"
+        )

@@ -704,10 +704,11 @@ VARIANTS: dict[str, dict[str, bool]] = {
 EXPECTED: dict[tuple[str, str], tuple[bool, bool, tuple[str, ...]]] = {}
 for _mode in MODES:
     _full = _mode in ("FULL", "FULL_DECODE_ONLY")
-    _passes = () if _mode == "NONE" else ALL_FUSIONS
+    # The fusions are npugraph_ex's passes: they run exactly when npugraph_ex does.
+    _passes = ALL_FUSIONS if _full else ()
     EXPECTED[(_mode, "default")] = (_full, False, _passes)
     EXPECTED[(_mode, "explicit_on")] = (_full, False, _passes)
-    EXPECTED[(_mode, "explicit_off")] = (False, False, _passes)
+    EXPECTED[(_mode, "explicit_off")] = (False, False, ())
     EXPECTED[(_mode, "static_kernel")] = (_full, _full, _passes)
 
 
@@ -745,7 +746,8 @@ def test_resolve_reason_texts() -> None:
         "npugraph_ex off: cudagraph_mode PIECEWISE runs only the plain fusion passes "
         "(npugraph_ex runs in FULL and FULL_DECODE_ONLY)",
         "static kernel off: enable_static_kernel is False (it is opt-in)",
-        "fusion passes (plain FX passes): add_rms_norm, rms_norm, swiglu, rotary, qk_norm_rope",
+        "fusion passes: none, npugraph_ex is off in cudagraph_mode PIECEWISE and vLLM's plain "
+        "post-grad fusion passes exist for CUDA only",
     )
     assert resolve_compilation(default, "FULL").reasons[0] == (
         "npugraph_ex on: the default for cudagraph_mode FULL (it optimizes the whole FX graph at "

@@ -296,7 +296,7 @@ class CompiledGraphRunner:
         full = self.full
         if full is None or plan.context.runtime_mode is not GraphMode.FULL or full.options.debug:
             return None
-        entry = full.entries.get(plan.context.descriptor)  # type: ignore[arg-type]
+        entry = full.entries.get(plan.context.descriptor)
         if entry is None or entry.graph is None or entry.eager:
             return None
         return entry

@@ -44,7 +44,7 @@ from ascend_aclgraph.graph_capture import (
     weak_ref_tensors,
 )
 from ascend_aclgraph.graph_context import current_graph_context
-from ascend_aclgraph.modes import BatchDescriptor, GraphMode
+from ascend_aclgraph.modes import GraphMode
 from ascend_aclgraph.stats import GraphStats
 
 __all__ = ["GraphEntry", "GraphOptions", "GraphWrapper"]

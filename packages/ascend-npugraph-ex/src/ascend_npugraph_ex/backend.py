@@ -20,10 +20,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from ascend_npugraph_ex.passes.in_place import restore_in_place_ops
-
 from ascend_npugraph_ex.errors import NpugraphExError, NpugraphExOptionsError
 from ascend_npugraph_ex.options import NpugraphExOptions
+from ascend_npugraph_ex.passes.in_place import restore_in_place_ops
 from ascend_npugraph_ex.passes.manager import PassManager
 from ascend_npugraph_ex.static_kernel import StaticKernelCache
 

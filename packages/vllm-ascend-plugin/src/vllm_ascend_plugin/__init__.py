@@ -66,4 +66,4 @@ def register() -> str | None:
 
 def register_general() -> None:
     """The ``vllm.general_plugins`` entry point (runs in every process; re-entrant)."""
-    return None
+    return

@@ -36,7 +36,7 @@ from vllm_ascend_plugin.graph_config import graph_decision
 
 __all__ = ["FUSION_REPORTS", "AscendCompiler"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # shown by vLLM's logging set-up
 
 #: One entry per graph compiled in this process: the npugraph_ex fusion report as a dict.
 FUSION_REPORTS: list[dict[str, Any]] = []
@@ -140,7 +140,7 @@ class AscendCompiler(CompilerInterface):
                 "nodes_after": report.nodes_after,
             }
             FUSION_REPORTS.append(entry)
-            logger.info("npugraph_ex graph %d: %s", len(FUSION_REPORTS) - 1, report)
+            logger.info("npugraph_ex fusions, %s", report)
         return compiled
 
 

@@ -558,9 +558,17 @@ def resolve_compilation(
     if mode == "NONE":
         fusion_passes: tuple[str, ...] = ()
         fusion_reason = f"fusion passes: none, {where} compiles nothing"
+    elif not npugraph_ex:
+        # The fusions are npugraph_ex's passes. vLLM's own post-grad fusion passes (the plain
+        # passes a graph gets without npugraph_ex) exist for CUDA-alike platforms only.
+        fusion_passes = ()
+        fusion_reason = (
+            f"fusion passes: none, npugraph_ex is off in {where} and vLLM's plain post-grad "
+            "fusion passes exist for CUDA only"
+        )
     else:
         fusion_passes = compilation.enabled_fusions()
-        runner = "run by npugraph_ex" if npugraph_ex else "plain FX passes"
+        runner = "run by npugraph_ex"
         switched_off = [f"fuse_{name}" for name in _FUSIONS if name not in fusion_passes]
         listed = ", ".join(fusion_passes) if fusion_passes else "none"
         fusion_reason = f"fusion passes ({runner}): {listed}"

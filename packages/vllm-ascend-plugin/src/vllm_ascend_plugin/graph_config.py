@@ -8,8 +8,9 @@ shared by the NPU platform and the CPU twin:
    ``vllm serve`` here, with one message;
 2. ``enforce_eager``, LoRA or a compilation mode other than ``VLLM_COMPILE``: graph mode NONE,
    nothing captured;
-3. otherwise ``VLLM_COMPILE`` with our compiler (:class:`~vllm_ascend_plugin.compiler.AscendCompiler`),
-   the capture sizes the user or vLLM chose, and the graph split as the mode needs:
+3. otherwise ``VLLM_COMPILE`` with our compiler
+   (:class:`~vllm_ascend_plugin.compiler.AscendCompiler`), the capture sizes the user or vLLM
+   chose, and the graph split as the mode needs:
    FULL / FULL_DECODE_ONLY compile one whole graph (npugraph_ex sees the whole model; attention
    runs inside the FULL graph), the piecewise modes split at attention;
 4. the effective graph mode, resolved by ascend_aclgraph's resolver from the requested one and
@@ -49,7 +50,8 @@ __all__ = [
     "graph_decision",
 ]
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, so that vLLM's logging configuration (format, level) shows our lines.
+logger = logging.getLogger(f"vllm.{__name__}")
 
 #: Where the resolved decision travels to worker processes, inside ``additional_config``.
 GRAPH_DECISION_KEY = "_vllm_ascend_plugin_graph_decision"
@@ -171,7 +173,7 @@ def configure_graph_mode(
     split = cc.splitting_ops is None or len(cc.splitting_ops) > 0
     decision = _decide(vllm_config, ascend, attention_support, split=split)
     cc.cudagraph_mode = CUDAGraphMode[decision.effective]
-    if native_forwards_for_fusion and decision.compilation.fusion_passes:
+    if native_forwards_for_fusion and decision.compilation.npugraph_ex:
         # The fusion passes match PyTorch code: vLLM's custom ops must run their native
         # forwards (not the CPU C++ kernels) for the passes to see, and fuse, them.
         cc.custom_ops = ["none"]

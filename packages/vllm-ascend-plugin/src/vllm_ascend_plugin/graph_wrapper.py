@@ -98,7 +98,7 @@ class ACLGraphWrapper(ag.GraphWrapper):
         mode = context.cudagraph_runtime_mode
         if mode == CUDAGraphMode.NONE or mode != self.vllm_runtime_mode:
             return None
-        descriptor = context.batch_descriptor
+        descriptor: Hashable | None = context.batch_descriptor
         if descriptor is None:
             raise RuntimeError(
                 f"forward context asks for {mode.name} graphs without a batch descriptor"

@@ -200,7 +200,9 @@ def check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.
     read: set[int] = set()
     for rec in records:
         if rec.func._schema.name in EMPTY_FACTORIES:
-            from_empty.update((storage_key(rec.outputs[i]), (rec, rec.outputs[i])) for i in rec.fresh)
+            from_empty.update(
+                (storage_key(rec.outputs[i]), (rec, rec.outputs[i])) for i in rec.fresh
+            )
         written.update(storage_key(t) for t in rec.written)
         if rec.computes():  # a view only aliases its input; what reads the view counts
             read.update(storage_key(t) for t in rec.read_tensors() if t.numel())
@@ -212,8 +214,7 @@ def check_untracked_writes(records: Sequence[OpRecord], outputs: Iterable[torch.
         # output buffer, which the attention op between the pieces writes) keeps the bytes the
         # recorder filled it with; anything else was written by code the twin cannot replay.
         untracked = key in read or (
-            key in returned
-            and bool((storage_bytes(tensor) != EMPTY_POISON_BYTE).any())
+            key in returned and bool((storage_bytes(tensor) != EMPTY_POISON_BYTE).any())
         )
         if untracked:
             reader = next(

@@ -12,6 +12,8 @@ instead of inductor code, so it runs the same two inductor passes itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import fx
 
 __all__ = ["restore_in_place_ops"]
@@ -30,14 +32,14 @@ def restore_in_place_ops(gm: fx.GraphModule) -> bool:
     """Re-inplace / decompose ``auto_functionalized`` calls of ``gm``; whether it had any."""
     if not _has_functionalized_calls(gm.graph):
         return False
-    from torch._inductor.fx_passes.post_grad import decompose_auto_functionalized
+    from torch._inductor.fx_passes import post_grad
     from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops
     from torch._inductor.fx_utils import FakeTensorUpdater
 
     reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
-    decompose_auto_functionalized(gm.graph)
+    decompose: Callable[[fx.Graph], None] = post_grad.decompose_auto_functionalized
+    decompose(gm.graph)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return True
-

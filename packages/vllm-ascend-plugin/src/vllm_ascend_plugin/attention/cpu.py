@@ -84,7 +84,7 @@ class AscendCPUAttentionBackendImpl(CPUAttentionBackendImpl):
         ):
             # Warm-up, encoder attention, quantized outputs: vLLM's own path, never in a FULL
             # graph of a decoder.
-            return super().forward(
+            result: torch.Tensor = super().forward(
                 layer,
                 query,
                 key,
@@ -95,9 +95,12 @@ class AscendCPUAttentionBackendImpl(CPUAttentionBackendImpl):
                 output_scale,
                 output_block_scale,
             )
+            return result
         _declare_host_arguments()
-        if self.sinks is not None and self.sinks.dtype not in (torch.bfloat16, torch.float32):
-            self.sinks = self.sinks.to(torch.float32)  # as vLLM's forward does
+        sinks: torch.Tensor | None = getattr(self, "sinks", None)
+        if sinks is not None and sinks.dtype not in (torch.bfloat16, torch.float32):
+            sinks = sinks.to(torch.float32)  # as vLLM's forward does, once
+            setattr(self, "sinks", sinks)  # noqa: B010 (vLLM's attribute, untyped to mypy)
         num_tokens = attn_metadata.num_actual_tokens
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         key_cache, value_cache = kv_cache.view(
@@ -119,7 +122,7 @@ class AscendCPUAttentionBackendImpl(CPUAttentionBackendImpl):
             attn_metadata.block_table,
             self.logits_soft_cap,
             attn_metadata.scheduler_metadata,
-            self.sinks,
+            sinks,
             attn_metadata.dynamic_causal,
             layer._k_scale_float,
             layer._v_scale_float,

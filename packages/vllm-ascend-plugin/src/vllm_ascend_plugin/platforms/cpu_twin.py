@@ -59,5 +59,5 @@ class CpuTwinPlatform(GraphPlatformMixin, CpuPlatform):
     ) -> str:
         path = super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
         if attn_selector_config.use_mla or attn_selector_config.use_sparse:
-            return path  # MLA on CPU: vLLM's backend, which declares its own graph support
+            return str(path)  # MLA on CPU: vLLM's backend, which declares its own graph support
         return _ATTENTION

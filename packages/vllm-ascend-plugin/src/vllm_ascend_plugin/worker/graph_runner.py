@@ -32,7 +32,7 @@ from vllm_ascend_plugin.graph_wrapper import ACLGraphWrapper
 
 __all__ = ["GraphModelRunnerMixin"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"vllm.{__name__}")  # shown by vLLM's logging set-up
 
 
 class GraphModelRunnerMixin:
@@ -159,8 +159,9 @@ def _descriptors(wrapper: ACLGraphWrapper | None) -> list[list[Any]]:
         return []
     out = []
     for key, entry in wrapper.entries.items():
+        descriptor: Any = key  # vLLM's BatchDescriptor
         if entry.graph is not None:
-            out.append([key.num_tokens, key.num_reqs, bool(key.uniform)])
+            out.append([descriptor.num_tokens, descriptor.num_reqs, bool(descriptor.uniform)])
     return sorted(out)
 
 
@@ -170,8 +171,9 @@ def _fused_ops(wrapper: ACLGraphWrapper | None) -> dict[str, int]:
         return {}
     counts: dict[str, int] = {}
     for key, entry in wrapper.entries.items():
+        descriptor: Any = key
         if entry.graph is not None:
-            counts[str(key.num_tokens)] = sum(
+            counts[str(descriptor.num_tokens)] = sum(
                 1 for name in (entry.graph.op_names() or ()) if name.startswith("npugraph_ex::")
             )
     return counts

@@ -9,7 +9,8 @@ anyone serves.
 
 The spec (a JSON object): ``model`` (a checkpoint directory), ``mode`` (a cudagraph_mode name,
 or ``"eager"`` for ``enforce_eager=True``), and optionally ``prompts``, ``max_tokens``,
-``capture_sizes``, ``max_num_seqs``, ``additional_config`` and ``dtype``. The last stdout line is
+``capture_sizes``, ``max_num_seqs``, ``additional_config``, ``attention_backend`` and
+``dtype``. The last stdout line is
 ``RESULT {...}``: the greedy token ids per prompt, start-up seconds (``LLM()`` to ready), the
 time to first token and ms per output token of a single-request run, and the worker's
 ``graph_report``. A failure to start prints ``ERROR {"type": ..., "message": ...}`` and exits 1.
@@ -51,6 +52,8 @@ def _engine_args(spec: dict[str, Any]) -> dict[str, Any]:
         args["compilation_config"] = compilation
     if "additional_config" in spec:
         args["additional_config"] = spec["additional_config"]
+    if "attention_backend" in spec:
+        args["attention_config"] = {"backend": spec["attention_backend"]}
     return args
 
 

@@ -231,3 +231,51 @@ def test_enforce_eager_captures_nothing(eager: dict[str, Any]) -> None:
     assert report["full_replays"] == report["piecewise_replays"] == 0
     assert report["capture_seconds"] == 0.0
     assert report["graph_pool_bytes"] == 0
+
+
+@pytest.mark.parametrize("mode", ["FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"])
+def test_a_second_start_reuses_the_compile_cache(
+    tiny_model: Path, eager: dict[str, Any], mode: str, tmp_path: Path
+) -> None:
+    # A second start with the same configuration loads the compiled graphs from vLLM's cache
+    # (npugraph_ex's passes run again on the cached graph) and still generates eager's tokens.
+    # Before the plugin turned vLLM's AOT-compiled-function cache off, this second start of
+    # FULL_AND_PIECEWISE crashed ('NoneType' object is not callable).
+    spec = {"model": str(tiny_model), "mode": mode, "capture_sizes": SIZES, "latency": False}
+    cache = {"VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    first, first_output = _run(spec, **cache)
+    assert first is not None, first_output[-6000:]
+    second, second_output = _run(spec, **cache)
+    assert second is not None, second_output[-6000:]
+    assert "Directly load the compiled graph(s)" not in first_output
+    assert "Directly load the compiled graph(s)" in second_output
+    assert first["tokens"] == second["tokens"] == eager["tokens"]
+    (first_report,) = first["reports"]
+    (second_report,) = second["reports"]
+    assert second_report["fused_ops_in_full_graphs"] == first_report["fused_ops_in_full_graphs"]
+    assert second_report["full_replays"] == first_report["full_replays"] > 0
+
+
+def test_an_attention_backend_declaring_never_narrows_to_piecewise(
+    tiny_model: Path, eager: dict[str, Any]
+) -> None:
+    # Selecting vLLM's own CPU attention by name keeps its declaration, NEVER: no FULL graphs,
+    # so FULL_AND_PIECEWISE narrows to PIECEWISE (the guide's table), logged once with the cause.
+    spec = {
+        "model": str(tiny_model),
+        "mode": "FULL_AND_PIECEWISE",
+        "capture_sizes": SIZES,
+        "latency": False,
+        "attention_backend": "CPU_ATTN",
+    }
+    result, output = _run(spec)
+    assert result is not None, output[-6000:]
+    assert result["tokens"] == eager["tokens"]
+    (report,) = result["reports"]
+    assert report["effective"] == "PIECEWISE"
+    assert report["full_descriptors"] == []
+    assert report["full_replays"] == 0
+    assert report["piecewise_descriptors"] == sorted(PIECEWISE_DESCRIPTORS)
+    lines = [line for line in output.splitlines() if "graph mode FULL_AND_PIECEWISE -> " in line]
+    assert len(lines) == 1, lines
+    assert "supports NEVER, so no FULL graphs" in lines[0]

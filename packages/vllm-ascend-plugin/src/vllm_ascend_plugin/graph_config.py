@@ -27,6 +27,7 @@ updated config.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -153,6 +154,7 @@ def configure_graph_mode(
 
     from vllm_ascend_plugin.compiler import AscendCompiler
 
+    _disable_aot_compile()
     cc.mode = CompilationMode.VLLM_COMPILE
     cc.backend = AscendCompiler.name
     # vLLM's O1+ defaults turn these on with a custom backend; their pass classes exist only on
@@ -179,6 +181,26 @@ def configure_graph_mode(
         cc.custom_ops = ["none"]
     _write_back(vllm_config, ascend, decision)
     return decision
+
+
+def _disable_aot_compile() -> None:
+    """Turn off vLLM's AOT-compiled-function cache for our compiler (keep its graph cache).
+
+    vLLM 0.32 rebuilds an AOT-compiled function from inductor's standalone artifacts only: with
+    any other compiler the reloaded pieces are empty, and the second start with the same
+    configuration failed (``'NoneType' object is not callable`` in the split graph). vLLM turns
+    AOT compile off for its own ``eager`` backend for the same reason. The per-graph cache
+    (``Directly load the compiled graph(s) ... from the cache``) keeps working: our compiler's
+    ``load`` reruns the passes on the cached graph. Set in the front-end process, before the
+    engine core and the workers are spawned, so all of them see it.
+    """
+    if os.environ.get("VLLM_USE_AOT_COMPILE") != "0":
+        os.environ["VLLM_USE_AOT_COMPILE"] = "0"
+        _log_once(
+            logging.INFO,
+            "VLLM_USE_AOT_COMPILE=0: vLLM reloads AOT-compiled functions only from inductor "
+            "artifacts; the compiled-graph cache stays on",
+        )
 
 
 def _decide(
@@ -213,7 +235,9 @@ def _decide(
         log=False,  # logged once below, with the explain command that reproduces it
     )
     compilation = resolve_compilation(ascend, effective.name)
-    if reasons or requested != effective.name:
+    if previous is not None:
+        pass  # the engine core's second pass: the front end logged this decision already
+    elif reasons or requested != effective.name:
         _log_once(
             logging.WARNING,
             f"graph mode {requested} -> {effective.name}: "
@@ -222,8 +246,9 @@ def _decide(
         )
     else:
         _log_once(logging.INFO, f"graph mode {effective.name}")
-    for line in compilation.reasons:
-        _log_once(logging.INFO, line)
+    if previous is None:
+        for line in compilation.reasons:
+            _log_once(logging.INFO, line)
     del cc
     return GraphDecision(
         requested=requested,

@@ -32,6 +32,7 @@ class CpuTwinPlatform(GraphPlatformMixin, CpuPlatform):
 
     graph_backend: ClassVar[str] = "cpu"
     # AscendCPUAttentionMetadataBuilder's declaration (FULL graphs of uniform decode batches).
+    # Selecting ``CPU_ATTN`` by name keeps vLLM's own CPU attention, which declares NEVER.
     attention_support: ClassVar[ag.AttentionSupport] = (
         ag.AttentionSupport.UNIFORM_SINGLE_TOKEN_DECODE
     )
@@ -47,11 +48,18 @@ class CpuTwinPlatform(GraphPlatformMixin, CpuPlatform):
         configure_graph_mode(
             vllm_config,
             saved,
-            attention_support=cls.attention_support,
+            attention_support=cls._attention_support(vllm_config),
             native_forwards_for_fusion=True,
             # A worker class the user chose is kept; CpuPlatform's default becomes ours.
             worker_cls=_WORKER if worker_cls in ("auto", _WORKER) else None,
         )
+
+    @classmethod
+    def _attention_support(cls, vllm_config: Any) -> ag.AttentionSupport:
+        if _vllm_attention_selected(getattr(vllm_config, "attention_config", None)):
+            # vLLM's own CPU attention, as the user asked for it by name: it declares NEVER.
+            return ag.AttentionSupport.NEVER
+        return cls.attention_support
 
     @classmethod
     def get_attn_backend_cls(
@@ -60,4 +68,16 @@ class CpuTwinPlatform(GraphPlatformMixin, CpuPlatform):
         path = super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
         if attn_selector_config.use_mla or attn_selector_config.use_sparse:
             return str(path)  # MLA on CPU: vLLM's backend, which declares its own graph support
+        if _is_cpu_attn(selected_backend):
+            # Selected by name (attention_config={"backend": "CPU_ATTN"}): vLLM's backend
+            # exactly, without FULL-graph support. The graph mode narrows accordingly.
+            return str(path)
         return _ATTENTION
+
+
+def _is_cpu_attn(backend: Any) -> bool:
+    return backend is not None and getattr(backend, "name", backend) == "CPU_ATTN"
+
+
+def _vllm_attention_selected(attention_config: Any) -> bool:
+    return attention_config is not None and _is_cpu_attn(getattr(attention_config, "backend", None))

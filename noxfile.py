@@ -31,6 +31,7 @@ MYPY = "mypy==2.4.1"
 PACKAGES: dict[str, str] = {
     "ascend-aclgraph": "ascend_aclgraph",
     "ascend-npugraph-ex": "ascend_npugraph_ex",
+    "ascend-xlite-adapter": "ascend_xlite_adapter",
     "vllm-ascend-plugin": "vllm_ascend_plugin",
 }
 
@@ -124,6 +125,12 @@ def vllm(session: nox.Session) -> None:
         str(ROOT / "tests-integration" / "vllm"),
         *session.posargs,
         env={"ASCEND_TINY_MODEL_DIR": str(models / "tiny-qwen3")},
+    )
+    # The Xlite adapter against vLLM's own model modules (a separate run: both test
+    # directories import their own `conftest`).
+    session.run(
+        "pytest",
+        str(ROOT / "packages" / "ascend-xlite-adapter" / "tests" / "test_vllm_modules.py"),
     )
 
 

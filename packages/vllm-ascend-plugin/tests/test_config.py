@@ -431,10 +431,22 @@ def test_xlite_enabled_without_the_adapter() -> None:
 
 
 @pytest.mark.usefixtures("fake_xlite_adapter")
-def test_xlite_enabled_once_the_adapter_exists() -> None:
-    check_xlite_available()
-    config = parse_additional_config({"xlite_graph_config": {"enabled": True, "full_mode": True}})
-    assert config.xlite_graph_config == XliteGraphConfig(enabled=True, full_mode=True)
+def test_xlite_enabled_with_the_adapter_but_without_the_routing() -> None:
+    # The adapter alone is not enough: accepting the switch without routing batches to Xlite
+    # would silently run ACLGraph instead.
+    with pytest.raises(AscendConfigError) as info:
+        parse_additional_config({"xlite_graph_config": {"enabled": True, "full_mode": True}})
+    message = str(info.value)
+    assert message.startswith("additional_config.xlite_graph_config.enabled = True: ")
+    assert "ascend-xlite-adapter is installed, but this vllm-ascend-plugin version does not " in (
+        message
+    )
+    assert "route vLLM's batches to XliteGraph yet" in message
+    assert "accepted: false" in message
+    with pytest.raises(AscendConfigError, match="does not route"):
+        check_xlite_available()
+    disabled = parse_additional_config({"xlite_graph_config": {"enabled": False}})
+    assert disabled.xlite_graph_config == XliteGraphConfig(enabled=False, full_mode=False)
 
 
 # -------------------------------------------------------------------------------------------------

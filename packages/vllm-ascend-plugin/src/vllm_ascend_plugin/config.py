@@ -634,7 +634,14 @@ def _xlite_unavailable_reason() -> str | None:
             "accepted: false (the default); use the ACLGraph path (cudagraph_mode FULL or "
             "FULL_DECODE_ONLY with npugraph_ex) instead"
         )
-    return None
+    # The adapter and its reference executor exist; routing vLLM's batches to them (a worker
+    # and model runner, as vllm-ascend's XliteWorker) does not yet. Accepting the switch would
+    # silently run ACLGraph instead, so it stays an error until the routing lands.
+    return (
+        "ascend-xlite-adapter is installed, but this vllm-ascend-plugin version does not route "
+        "vLLM's batches to XliteGraph yet; accepted: false (the default); use the ACLGraph path "
+        "(cudagraph_mode FULL_DECODE_ONLY with npugraph_ex) instead"
+    )
 
 
 def _mode_name(mode: object) -> str:

@@ -140,7 +140,11 @@ class GraphModelRunnerMixin:
         return {
             "requested": decision.requested if decision else None,
             "effective": self._resolved_mode or self.compilation_config.cudagraph_mode.name,
-            "reasons": list(decision.reasons if decision else ()) + list(self._resolution_reasons),
+            # The start-up decision's reasons, then any the runner's own resolution added (the
+            # same narrowing found twice is one reason; the backend name differs in wording).
+            "reasons": _merged_reasons(
+                decision.reasons if decision else (), self._resolution_reasons
+            ),
             "npugraph_ex": bool(decision and decision.compilation.npugraph_ex),
             "full_descriptors": _descriptors(full),
             "piecewise_descriptors": _descriptors(first_piece),
@@ -152,6 +156,11 @@ class GraphModelRunnerMixin:
             "fusion_reports": list(FUSION_REPORTS),
             "fused_ops_in_full_graphs": _fused_ops(full),
         }
+
+
+def _merged_reasons(startup: tuple[str, ...], runner: tuple[str, ...]) -> list[str]:
+    seen = {reason.split(": ", 1)[0] for reason in startup}
+    return list(startup) + [r for r in runner if r.split(": ", 1)[0] not in seen]
 
 
 def _descriptors(wrapper: ACLGraphWrapper | None) -> list[list[Any]]:

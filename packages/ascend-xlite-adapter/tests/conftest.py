@@ -260,16 +260,23 @@ class StepResult:
 
 
 def run_schedule(
-    adapted: AdaptedModel, requests: list[Request], *, pad_tokens: int = 3, mrope: bool = False
+    adapted: AdaptedModel,
+    requests: list[Request],
+    *,
+    pad_tokens: int = 3,
+    mrope: bool = False,
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[StepResult], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Run :data:`SCHEDULE` through the reference executor; returns logits and the KV cache.
 
     Each step pads the batch with ``pad_tokens`` extra tokens and one empty request (vLLM's
-    graph padding), which must change nothing.
+    graph padding), which must change nothing. ``kv``: the caches to use (default: fresh
+    contiguous ones).
     """
     cfg = adapted.config
     executor = ReferenceExecutor(cfg, adapted.weights)
-    kv = allocate_kv_cache(cfg, NUM_BLOCKS)
+    if kv is None:
+        kv = allocate_kv_cache(cfg, NUM_BLOCKS)
     freqs = precompute_freqs_cis(cfg)
     results = []
     for step in SCHEDULE:

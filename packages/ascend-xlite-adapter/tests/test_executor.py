@@ -100,6 +100,29 @@ def test_kv_cache_holds_transformers_keys_and_values() -> None:
             torch.testing.assert_close(got_v, want_v, atol=ATOL, rtol=0)
 
 
+def test_strided_cache_views_give_the_same_logits_and_write_through() -> None:
+    # vLLM's CPU attention keeps each block's keys as [kv heads, head_dim, block] and values as
+    # [kv heads, block, head_dim]; the CPU twin hands Xlite permuted views of those buffers.
+    model = tiny_model("qwen3")
+    adapted = xa.adapt_model(model, model.config, SETTINGS)
+    cfg = adapted.config
+    nb, bs, nkv, hd = NUM_BLOCKS, cfg.block_size, cfg.n_kv_heads, cfg.head_dim
+    buffers = [
+        (torch.zeros(nb, nkv, hd, bs), torch.zeros(nb, nkv, bs, hd)) for _ in range(cfg.n_layers)
+    ]
+    views = [(k.permute(0, 3, 1, 2), v.permute(0, 2, 1, 3)) for k, v in buffers]
+    assert not views[0][0].is_contiguous()
+    strided, kv_strided = run_schedule(adapted, make_requests(), kv=views)
+    dense, kv_dense = run_schedule(adapted, make_requests())
+    for got, want in zip(strided, dense, strict=True):
+        assert torch.equal(got.logits, want.logits)
+    for (k_buf, v_buf), (k_want, v_want) in zip(buffers, kv_dense, strict=True):
+        assert k_buf.any(), "the writes must land in the underlying buffers"
+        assert torch.equal(k_buf.permute(0, 3, 1, 2), k_want)
+        assert torch.equal(v_buf.permute(0, 2, 1, 3), v_want)
+    assert kv_strided[0][0].data_ptr() == buffers[0][0].data_ptr()
+
+
 def test_forward_and_get_logits_with_indices() -> None:
     # One step, logits for each request's last token only (vLLM's logits_indices).
     model = tiny_model("qwen2")

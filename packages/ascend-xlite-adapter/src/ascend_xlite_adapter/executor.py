@@ -10,7 +10,10 @@ slots and the metadata carry everything the model needs.
 
 KV-cache layout (vllm-ascend's, which Xlite reads): one ``(key_cache, value_cache)`` pair per
 layer, each ``[num_blocks, block_size, n_kv_heads, head_dim]``. Token ``p`` of request ``r``
-lives in block ``block_tables_cpu[r][p // block_size]`` at offset ``p % block_size``.
+lives in block ``block_tables_cpu[r][p // block_size]`` at offset ``p % block_size``. The
+caches may be strided views (any strides): the executor indexes them by (block, offset) and
+writes through the view, so it can share a cache that another attention kernel lays out
+differently in memory, as the CPU twin platform does with vLLM's CPU attention.
 
 It is a reference, not a fast path: one rank only (no tensor, data or expert parallelism), and
 the per-request loops and MoE routing synchronize with the host, so it is not graph-capturable.
@@ -175,13 +178,22 @@ class ReferenceExecutor:
                 f"output: expected [>= {n}, {cfg.hidden_size}], got {tuple(output.shape)}"
             )
         self._check_kv_cache(kv_cache)
-        block_ids, slots = self._slots(meta, kv_cache[0][0].shape[0])
+        block_ids, slot_blocks, slot_offsets = self._slots(meta, kv_cache[0][0].shape[0])
         positions = meta.positions[..., :n]
         cos, sin = rope_cos_sin(freqs_cis, positions, cfg)
         for i, layer in enumerate(self.weights.layers):
             k_cache, v_cache = kv_cache[i][0], kv_cache[i][1]
             attn = self._attention(
-                layer, hidden, cos, sin, meta, k_cache, v_cache, block_ids, slots
+                layer,
+                hidden,
+                cos,
+                sin,
+                meta,
+                k_cache,
+                v_cache,
+                block_ids,
+                slot_blocks,
+                slot_offsets,
             )
             hidden = hidden + F.linear(attn, layer.attn_out)
             x = rms_norm(hidden, layer.mlp_norm, cfg.norm_eps)
@@ -200,7 +212,8 @@ class ReferenceExecutor:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         block_ids: list[torch.Tensor],
-        slots: torch.Tensor,
+        slot_blocks: torch.Tensor,
+        slot_offsets: torch.Tensor,
     ) -> torch.Tensor:
         cfg = self.config
         n, nh, nkv, hd = hidden.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -217,10 +230,9 @@ class ReferenceExecutor:
 
         # Write this step's keys/values into their cache slots first: a prefill chunk's queries
         # attend to its own keys through the cache, like every earlier token's.
-        k_flat = k_cache.view(-1, nkv, hd)
-        v_flat = v_cache.view(-1, nkv, hd)
-        k_flat.index_copy_(0, slots, k.to(k_cache.dtype))
-        v_flat.index_copy_(0, slots, v.to(v_cache.dtype))
+        # (block, offset) indexing writes through strided views as well as contiguous caches.
+        k_cache[slot_blocks, slot_offsets] = k.to(k_cache.dtype)
+        v_cache[slot_blocks, slot_offsets] = v.to(v_cache.dtype)
 
         out = torch.empty(n, nh * hd, dtype=hidden.dtype, device=hidden.device)
         bs = cfg.block_size
@@ -231,9 +243,9 @@ class ReferenceExecutor:
             total = cached + q_len
             # Every cached and new token of the request, in position order.
             pos = torch.arange(total, device=hidden.device)
-            idx = block_ids[r][pos // bs] * bs + pos % bs
-            keys = k_flat.index_select(0, idx).to(q.dtype)
-            values = v_flat.index_select(0, idx).to(q.dtype)
+            blocks, offsets = block_ids[r][pos // bs], pos % bs
+            keys = k_cache[blocks, offsets].to(q.dtype)
+            values = v_cache[blocks, offsets].to(q.dtype)
             if nh != nkv:
                 keys = keys.repeat_interleave(nh // nkv, dim=1)
                 values = values.repeat_interleave(nh // nkv, dim=1)
@@ -297,13 +309,11 @@ class ReferenceExecutor:
                         f"kv_cache[{i}]: expected [num_blocks, {cfg.block_size}, "
                         f"{cfg.n_kv_heads}, {cfg.head_dim}], got {tuple(t.shape)}"
                     )
-                if not t.is_contiguous():
-                    raise AttnMetaError(f"kv_cache[{i}]: the cache must be contiguous")
 
     def _slots(
         self, meta: XliteAttnMeta, num_blocks: int
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Each request's block ids, and the flat cache slot of every new token."""
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Each request's block ids, and the (block, offset) cache slot of every new token."""
         bs = self.config.block_size
         device = self.weights.embed.device
         block_ids: list[torch.Tensor] = []
@@ -327,7 +337,8 @@ class ReferenceExecutor:
             slots.extend(row[p // bs] * bs + p % bs for p in range(cached, total))
         if len(set(slots)) != len(slots):
             raise AttnMetaError("two tokens of this step map to the same KV-cache slot")
-        return block_ids, torch.tensor(slots, dtype=torch.long, device=device)
+        flat = torch.tensor(slots, dtype=torch.long, device=device)
+        return block_ids, flat // bs, flat % bs
 
 
 def _check_supported(config: XliteModelConfig, weights: XliteWeights) -> None:

@@ -225,6 +225,32 @@ def bench_graph_modes(session: nox.Session) -> None:
     _run_benchmark(session, "bench_graph_modes.py")
 
 
+@nox.session(name="bench-vllm")
+def bench_vllm(session: nox.Session) -> None:
+    """vLLM end to end per mode on the CPU twin: start-up, capture, graph memory, TTFT, TPOT.
+
+    Not in the default run (about 25 minutes on 2 cores; ``-- --quick``: tiny model only, a few
+    minutes). Exits non-zero if a variant fails; the table says which and why.
+    """
+    _install_vllm_stack(session)
+    session.install(f"{_pkg_dir('ascend-aclgraph')}[bench]")  # matplotlib, for the plot
+    models = ROOT / ".models"
+    builder = str(ROOT / "scripts" / "build_tiny_model.py")
+    session.run("python", builder, "--out", str(models / "tiny-qwen3"), "--preset", "tiny")
+    if "--quick" not in session.posargs:
+        session.run("python", builder, "--out", str(models / "qwen3-26m"), "--preset", "qwen3-26m")
+    session.run(
+        "python",
+        str(ROOT / "benchmarks" / "bench_vllm.py"),
+        "--out",
+        str(ROOT / "bench-results"),
+        "--models-dir",
+        str(models),
+        *session.posargs,
+        env=_single_thread_env(),
+    )
+
+
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
     """On a CUDA machine: the cuda tests and GPU benchmarks, with the torch already installed.

@@ -504,6 +504,11 @@ def _plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
                     bars[i].set_color("tab:gray")
                 elif name == "eager":
                     bars[i].set_color("tab:orange")
+            if key == "startup_s":
+                warm = [results[model][n].get("warm_startup_s", 0.0) or 0.0 for n in names]
+                warm = [0.0 if v != v else v for v in warm]
+                ax.barh(range(len(names)), warm, 0.3, color="black", label="warm compile cache")
+                ax.legend(fontsize=7, loc="lower right")
             ax.set_yticks(range(len(names)))
             ax.set_yticklabels(names if ax is axes_row[0] else [], fontsize=8)
             ax.invert_yaxis()

@@ -9,8 +9,9 @@ anyone serves.
 
 The spec (a JSON object): ``model`` (a checkpoint directory), ``mode`` (a cudagraph_mode name,
 or ``"eager"`` for ``enforce_eager=True``), and optionally ``prompts``, ``max_tokens``,
-``capture_sizes``, ``max_num_seqs``, ``additional_config``, ``attention_backend`` and
-``dtype``. The last stdout line is
+``capture_sizes``, ``max_num_seqs``, ``additional_config``, ``attention_backend``,
+``dtype`` and the parallel settings ``tensor_parallel_size``, ``data_parallel_size`` and
+``distributed_executor_backend`` (vLLM's engine arguments of those names). The last stdout line is
 ``RESULT {...}``: the greedy token ids per prompt, start-up seconds (``LLM()`` to ready), the
 time to first token and ms per output token of a single-request run, and the worker's
 ``graph_report``. A failure to start prints ``ERROR {"type": ..., "message": ...}`` and exits 1.
@@ -54,6 +55,9 @@ def _engine_args(spec: dict[str, Any]) -> dict[str, Any]:
         args["additional_config"] = spec["additional_config"]
     if "attention_backend" in spec:
         args["attention_config"] = {"backend": spec["attention_backend"]}
+    for key in ("tensor_parallel_size", "data_parallel_size", "distributed_executor_backend"):
+        if key in spec:
+            args[key] = spec[key]
     return args
 
 

@@ -181,7 +181,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         report = {"error": f"{type(exc).__name__}: {exc}"}
     cache = llm.llm_engine.vllm_config.cache_config
     vocab = llm.llm_engine.model_config.get_vocab_size()
+    # The machine's load around the timed runs: other jobs share these two cores.
+    load_avg = [os.getloadavg()[0]]
     load = _load(llm, np.random.default_rng(spec["seed"]), spec, vocab)
+    load_avg.append(os.getloadavg()[0])
     return {
         "startup_s": startup,
         "report": report,
@@ -189,6 +192,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "kv_block_size": cache.block_size,
         "kv_space_gib": float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "nan")),
         "load": load,
+        "load_avg_1m": load_avg,
     }
 
 
@@ -314,6 +318,8 @@ def _summary(cold: dict[str, Any], warm: dict[str, Any]) -> dict[str, Any]:
         "kv_tokens": (cold["kv_blocks"] or 0) * cold["kv_block_size"],
         "kv_space_gib": cold["kv_space_gib"],
     }
+    loads = [x for r in (cold, warm) for x in r.get("load_avg_1m", [])]
+    row["load_avg_1m"] = max(loads) if loads else float("nan")
     report = cold["report"]
     if "error" in report:
         row.update(effective="(vLLM's)", capture_s=0.0, pool_bytes=0, npugraph_ex=False)
@@ -367,6 +373,7 @@ COLUMNS = [
     ("TTFT ms c8", "ttft_ms_c8"),
     ("TPOT ms c8", "tpot_ms_c8"),
     ("tok/s c8", "tokens_per_s_c8"),
+    ("load", "load_avg_1m"),
 ]
 FORMATS = {
     "startup_s": ".1f",
@@ -380,6 +387,7 @@ FORMATS = {
     "ttft_ms_c8": ".1f",
     "tpot_ms_c8": ".2f",
     "tokens_per_s_c8": ".1f",
+    "load_avg_1m": ".1f",
 }
 
 
@@ -617,11 +625,13 @@ def main() -> int:
         f"vllm-cpu 0.32, offline LLM, 1 OpenMP thread (shared 2-core machine), max_num_seqs 8, "
         f"capture sizes {CAPTURE_SIZES}; prompts of {load['input_len']} random tokens, "
         f"{load['output_len']} output tokens (ignore_eos); per concurrency 1 warm-up + "
-        f"{load['repeats']} timed batches per start, pooled over the cold and warm start "
-        "(medians). TTFT/TPOT from vLLM's per-request stats; tok/s = output tokens / wall time "
-        "of the batch. start-up = LLM() to ready with an empty compile cache; warm = a second "
-        "start with the same VLLM_CACHE_ROOT. graphs F/P = FULL/PIECEWISE graphs captured; pool "
-        "= graph_report's graph_pool_bytes; KV cache sized by VLLM_CPU_KVCACHE_SPACE="
+        f"{load['repeats']} timed batches per start, pooled over the cold and (where run) warm "
+        "start: medians. TTFT/TPOT from vLLM's per-request stats; tok/s = output tokens / wall "
+        "time of the batch. load = the highest 1-minute load average around a variant's timed "
+        "runs (above 2 on these 2 cores: other jobs competed). start-up = LLM() to ready with "
+        "an empty compile cache; warm = a second start with the same VLLM_CACHE_ROOT. graphs "
+        "F/P = FULL/PIECEWISE graphs captured; pool = graph_report's graph_pool_bytes; KV cache "
+        "sized by VLLM_CPU_KVCACHE_SPACE="
         f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB (on CPU the pool does not shrink "
         f"it). Total {time.perf_counter() - began:.0f} s."
     )

@@ -21,6 +21,7 @@ runs on one OpenMP thread (``VLLM_CPU_OMP_THREADS_BIND=nobind``, ``OMP_NUM_THREA
 shared 2-core machine, so compare variants with each other, not with a device.
 
     python benchmarks/bench_vllm.py --out bench-results [--quick] [--models tiny,qwen3-26m]
+    python benchmarks/bench_vllm.py --render bench-results/vllm.json   # the tables again
 
 Exits 1 if any variant failed to start or run (its row shows why).
 """
@@ -527,6 +528,78 @@ def _plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
     print(f"plot: {path}")
 
 
+def _report(
+    out: Path,
+    raw: dict[str, dict[str, dict[str, Any]]],
+    variants: list[Variant],
+    identical: dict[str, tuple[str, str]],
+    load: dict[str, int],
+    total_s: float,
+) -> int:
+    """Print the tables, write vllm.md / vllm.json / vllm.png under ``out``; 1 if a run failed."""
+    presets = list(raw)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for preset in presets:
+        results[preset] = {}
+        for variant in variants:
+            if variant.name in identical:
+                twin, reason = identical[variant.name]
+                results[preset][variant.name] = {"skipped": f"not run, = {twin}: {reason}"}
+            else:
+                runs = raw[preset][variant.name]
+                results[preset][variant.name] = _summary(runs["cold"], runs.get("warm", {}))
+    text: list[str] = []
+    md: list[str] = ["# vLLM on the CPU twin", ""]
+    failed = False
+    for preset in presets:
+        rows = results[preset]
+        header = [c for c, _ in COLUMNS]
+        table = [header] + [_cells(v.name, rows[v.name]) for v in variants]
+        eager, dflt = rows.get("eager", {}), rows.get("vllm-cpu default", {})
+        ratios = [RATIO_HEADER] + [
+            _ratio_cells(v.name, rows[v.name], eager, dflt) for v in variants
+        ]
+        title = f"model {preset} (float32)"
+        text += [title, *_table(table), "", *_table(ratios), ""]
+        md += [f"## {title}", "", *_markdown(table), "", *_markdown(ratios), ""]
+        if "eager" in rows and "vllm-cpu default" in rows:
+            targets = _targets(rows)
+            text += ["targets (graph variants):", *_table(targets), ""]
+            md += ["Targets (graph variants):", "", *_markdown(targets), ""]
+        failed |= any("error" in r or r.get("warm_error") for r in rows.values())
+        text += [f"{name}: {r['skipped']}" for name, r in rows.items() if "skipped" in r]
+        md += [f"- {name}: {r['skipped']}" for name, r in rows.items() if "skipped" in r]
+    note = (
+        f"vllm-cpu 0.32, offline LLM, 1 OpenMP thread (shared 2-core machine), max_num_seqs 8, "
+        f"capture sizes {CAPTURE_SIZES}; prompts of {load['input_len']} random tokens, "
+        f"{load['output_len']} output tokens (ignore_eos); per concurrency 1 warm-up + "
+        f"{load['repeats']} timed batches per start, pooled over the cold and (where run) warm "
+        "start: medians. TTFT/TPOT from vLLM's per-request stats; tok/s = output tokens / wall "
+        "time of the batch. load = the highest 1-minute load average around a variant's timed "
+        "runs (above 2 on these 2 cores: other jobs competed). start-up = LLM() to ready with "
+        "an empty compile cache; warm = a second start with the same VLLM_CACHE_ROOT. graphs "
+        "F/P = FULL/PIECEWISE graphs captured; pool = graph_report's graph_pool_bytes; KV cache "
+        "sized by VLLM_CPU_KVCACHE_SPACE="
+        f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB (on CPU the pool does not shrink "
+        f"it). Total {total_s:.0f} s."
+    )
+    text.append(note)
+    md.append(note)
+    print("\n".join(text))
+    (out / "vllm.md").write_text("\n".join(md) + "\n")
+    (out / "vllm.json").write_text(
+        json.dumps(
+            {"load": load, "total_s": total_s, "results": results, "raw": raw},
+            indent=1,
+            default=str,
+        )
+    )
+    print(f"table: {out / 'vllm.md'}, data: {out / 'vllm.json'}")
+    _plot(results, out / "vllm.png")
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
@@ -538,10 +611,21 @@ def main() -> int:
     parser.add_argument(
         "--all-warm", action="store_true", help="a warm-cache start for every compiled variant"
     )
+    parser.add_argument("--render", type=Path, help="re-print the tables of a saved vllm.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker_main(args.worker)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        names = next(iter(saved["results"].values()))
+        shown = [v for v in VARIANTS if v.name in names]
+        ran = next(iter(saved["raw"].values()))
+        same = {v.name: _identical_to(v) for v in shown if v.name not in ran}
+        skipped = {name: pair for name, pair in same.items() if pair is not None}
+        return _report(
+            args.out, saved["raw"], shown, skipped, saved["load"], saved.get("total_s", 0.0)
+        )
 
     presets = list(args.models.split(",") if args.models else (["tiny"] if args.quick else PRESETS))
     variants = QUICK_VARIANTS if args.quick else VARIANTS
@@ -590,61 +674,7 @@ def main() -> int:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for preset in presets:
-        results[preset] = {}
-        for variant in variants:
-            if variant.name in identical:
-                twin, reason = identical[variant.name]
-                results[preset][variant.name] = {"skipped": f"not run, = {twin}: {reason}"}
-            else:
-                runs = raw[preset][variant.name]
-                results[preset][variant.name] = _summary(runs["cold"], runs.get("warm", {}))
-    text: list[str] = []
-    md: list[str] = ["# vLLM on the CPU twin", ""]
-    failed = False
-    for preset in presets:
-        rows = results[preset]
-        header = [c for c, _ in COLUMNS]
-        table = [header] + [_cells(v.name, rows[v.name]) for v in variants]
-        eager, dflt = rows.get("eager", {}), rows.get("vllm-cpu default", {})
-        ratios = [RATIO_HEADER] + [
-            _ratio_cells(v.name, rows[v.name], eager, dflt) for v in variants
-        ]
-        title = f"model {preset} (float32)"
-        text += [title, *_table(table), "", *_table(ratios), ""]
-        md += [f"## {title}", "", *_markdown(table), "", *_markdown(ratios), ""]
-        if "eager" in rows and "vllm-cpu default" in rows:
-            targets = _targets(rows)
-            text += ["targets (graph variants):", *_table(targets), ""]
-            md += ["Targets (graph variants):", "", *_markdown(targets), ""]
-        failed |= any("error" in r or r.get("warm_error") for r in rows.values())
-        text += [f"{name}: {r['skipped']}" for name, r in rows.items() if "skipped" in r]
-        md += [f"- {name}: {r['skipped']}" for name, r in rows.items() if "skipped" in r]
-    note = (
-        f"vllm-cpu 0.32, offline LLM, 1 OpenMP thread (shared 2-core machine), max_num_seqs 8, "
-        f"capture sizes {CAPTURE_SIZES}; prompts of {load['input_len']} random tokens, "
-        f"{load['output_len']} output tokens (ignore_eos); per concurrency 1 warm-up + "
-        f"{load['repeats']} timed batches per start, pooled over the cold and (where run) warm "
-        "start: medians. TTFT/TPOT from vLLM's per-request stats; tok/s = output tokens / wall "
-        "time of the batch. load = the highest 1-minute load average around a variant's timed "
-        "runs (above 2 on these 2 cores: other jobs competed). start-up = LLM() to ready with "
-        "an empty compile cache; warm = a second start with the same VLLM_CACHE_ROOT. graphs "
-        "F/P = FULL/PIECEWISE graphs captured; pool = graph_report's graph_pool_bytes; KV cache "
-        "sized by VLLM_CPU_KVCACHE_SPACE="
-        f"{os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')} GiB (on CPU the pool does not shrink "
-        f"it). Total {time.perf_counter() - began:.0f} s."
-    )
-    text.append(note)
-    md.append(note)
-    print("\n".join(text))
-    (args.out / "vllm.md").write_text("\n".join(md) + "\n")
-    (args.out / "vllm.json").write_text(
-        json.dumps({"load": load, "results": results, "raw": raw}, indent=1, default=str)
-    )
-    print(f"table: {args.out / 'vllm.md'}, data: {args.out / 'vllm.json'}")
-    _plot(results, args.out / "vllm.png")
-    return 1 if failed else 0
+    return _report(args.out, raw, variants, identical, load, time.perf_counter() - began)
 
 
 if __name__ == "__main__":

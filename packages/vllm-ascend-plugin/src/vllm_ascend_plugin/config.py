@@ -444,8 +444,9 @@ def check_xlite_available() -> None:
     """Raise :class:`AscendConfigError` unless the XliteGraph adapter can be imported.
 
     ``xlite_graph_config.enabled=True`` needs the ``ascend-xlite-adapter`` package (import
-    ``ascend_xlite_adapter``). This plugin version does not ship it; the check starts passing
-    as soon as it is installed.
+    ``ascend_xlite_adapter``), which the plugin depends on. Whether the serving configuration
+    suits Xlite (and, on an NPU, whether ``xlite._C`` imports) is checked when the platform
+    normalises the vLLM config (:func:`vllm_ascend_plugin.xlite_graph.check_xlite_constraints`).
     """
     reason = _xlite_unavailable_reason()
     if reason is not None:
@@ -630,18 +631,10 @@ def _xlite_unavailable_reason() -> str | None:
     except ImportError as exc:
         return (
             "the XliteGraph adapter (package ascend-xlite-adapter, module ascend_xlite_adapter) "
-            f"is not installed or not available yet in this vllm-ascend-plugin version ({exc}); "
-            "accepted: false (the default); use the ACLGraph path (cudagraph_mode FULL or "
-            "FULL_DECODE_ONLY with npugraph_ex) instead"
+            f"is not installed ({exc}); install it (pip install ascend-xlite-adapter), or "
+            "accepted: false (the default)"
         )
-    # The adapter and its reference executor exist; routing vLLM's batches to them (a worker
-    # and model runner, as vllm-ascend's XliteWorker) does not yet. Accepting the switch would
-    # silently run ACLGraph instead, so it stays an error until the routing lands.
-    return (
-        "ascend-xlite-adapter is installed, but this vllm-ascend-plugin version does not route "
-        "vLLM's batches to XliteGraph yet; accepted: false (the default); use the ACLGraph path "
-        "(cudagraph_mode FULL_DECODE_ONLY with npugraph_ex) instead"
-    )
+    return None
 
 
 def _mode_name(mode: object) -> str:

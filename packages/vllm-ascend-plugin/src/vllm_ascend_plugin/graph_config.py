@@ -49,6 +49,7 @@ __all__ = [
     "configure_graph_mode",
     "explain_command",
     "graph_decision",
+    "our_additional_config",
 ]
 
 # Under vLLM's logger, so that vLLM's logging configuration (format, level) shows our lines.
@@ -91,6 +92,8 @@ class GraphDecision:
     requested: str
     effective: str
     reasons: tuple[str, ...]
+    # The mode handed to the resolver: the request, or what the Xlite path imposed instead.
+    resolved_from: str
     attention_support: str
     attention_split: bool
     compilation: CompilationDecision
@@ -99,6 +102,7 @@ class GraphDecision:
         return {
             "requested": self.requested,
             "effective": self.effective,
+            "resolved_from": self.resolved_from,
             "reasons": list(self.reasons),
             "attention_support": self.attention_support,
             "attention_split": self.attention_split,
@@ -127,13 +131,16 @@ def configure_graph_mode(
     attention_support: ag.AttentionSupport,
     native_forwards_for_fusion: bool,
     worker_cls: str | None,
+    xlite_native: bool,
 ) -> GraphDecision | None:
     """Normalise ``vllm_config`` for graph mode in place (see the module docstring).
 
     ``attention_support`` is what the platform's attention backend declares;
     ``native_forwards_for_fusion``: the platform's fusion passes match vLLM's native (PyTorch)
-    forwards of its custom ops, so those are switched on when a fusion runs. Returns ``None``
-    when there is no model config yet (vLLM builds partial configs).
+    forwards of its custom ops, so those are switched on when a fusion runs;
+    ``xlite_native``: the platform's XliteGraph executor is the native ``xlite._C`` (so it must
+    import), not the reference executor. Returns ``None`` when there is no model config yet
+    (vLLM builds partial configs).
     """
     ascend = parse_additional_config(_our_keys(vllm_config.additional_config))
     if vllm_config.model_config is None:
@@ -141,6 +148,23 @@ def configure_graph_mode(
     if worker_cls is not None:
         vllm_config.parallel_config.worker_cls = worker_cls
     cc = vllm_config.compilation_config
+    previous = graph_decision_json(vllm_config)
+    # On the engine core's second pass the config already holds the effective mode: the
+    # request is the one recorded by the first pass.
+    requested = previous["requested"] if previous else _requested_mode(vllm_config)
+    imposed = None
+    if ascend.xlite_graph_config.enabled:
+        from vllm_ascend_plugin.xlite_graph import check_xlite_constraints, xlite_graph_mode
+
+        check_xlite_constraints(vllm_config, native=xlite_native)
+        imposed = xlite_graph_mode(
+            ascend.xlite_graph_config, speculative=vllm_config.speculative_config is not None
+        )
+        assert imposed is not None
+        if imposed[0] == "NONE":
+            # vllm-ascend does the same: nothing outside Xlite is compiled or captured.
+            vllm_config.model_config.enforce_eager = True
+        cc.cudagraph_mode = CUDAGraphMode[imposed[0]]
     graphs_possible = (
         not vllm_config.model_config.enforce_eager
         and vllm_config.lora_config is None
@@ -148,7 +172,17 @@ def configure_graph_mode(
     )
     if not graphs_possible:
         cc.cudagraph_mode = CUDAGraphMode.NONE
-        decision = _decide(vllm_config, ascend, attention_support, split=False)
+        # The request is NONE itself (enforce_eager, LoRA, no VLLM_COMPILE), unless Xlite's
+        # full mode made it so: then the user's request is kept and the reason says why.
+        xlite_none = imposed if imposed is not None and imposed[0] == "NONE" else None
+        decision = _decide(
+            vllm_config,
+            ascend,
+            attention_support,
+            requested if xlite_none else "NONE",
+            xlite_none,
+            split=False,
+        )
         _write_back(vllm_config, ascend, decision)
         return decision
 
@@ -165,15 +199,14 @@ def configure_graph_mode(
         cc.cudagraph_capture_sizes = list(saved.capture_sizes)
     if saved.max_capture_size is not None:
         cc.max_cudagraph_capture_size = saved.max_capture_size
-    requested = cc.cudagraph_mode
-    if requested in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY) and (
+    if cc.cudagraph_mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_DECODE_ONLY) and (
         cc.splitting_ops is None
     ):
         # One whole graph: npugraph_ex optimizes the whole model and ACLGraph captures it
         # (vllm-ascend's _setup_compile_backend does the same).
         cc.splitting_ops = []
     split = cc.splitting_ops is None or len(cc.splitting_ops) > 0
-    decision = _decide(vllm_config, ascend, attention_support, split=split)
+    decision = _decide(vllm_config, ascend, attention_support, requested, imposed, split=split)
     cc.cudagraph_mode = CUDAGraphMode[decision.effective]
     if native_forwards_for_fusion and decision.compilation.npugraph_ex:
         # The fusion passes match PyTorch code: vLLM's custom ops must run their native
@@ -207,20 +240,22 @@ def _decide(
     vllm_config: VllmConfig,
     ascend: AscendConfig,
     support: ag.AttentionSupport,
+    requested: str,
+    imposed: tuple[str, str] | None,
     *,
     split: bool,
 ) -> GraphDecision:
+    """Resolve ``requested`` (or the ``(mode, reason)`` the Xlite path imposed instead) against
+    the platform's attention support."""
     cc = vllm_config.compilation_config
     previous = graph_decision_json(vllm_config)
-    # On the engine core's second pass the config already holds the effective mode: the
-    # request is the one recorded by the first pass.
-    requested = previous["requested"] if previous else _requested_mode(vllm_config)
     query_len = 1
     spec = vllm_config.speculative_config
     if spec is not None and spec.num_speculative_tokens:
         query_len = 1 + int(spec.num_speculative_tokens)
-    effective, reasons = ag.resolve_graph_mode(
-        requested,
+    resolved = imposed[0] if imposed else requested
+    effective, resolver_reasons = ag.resolve_graph_mode(
+        resolved,
         support,
         attention_is_split=split,
         uniform_decode_query_len=query_len,
@@ -234,6 +269,7 @@ def _decide(
         attention_backend=None,
         log=False,  # logged once below, with the explain command that reproduces it
     )
+    reasons = ([imposed[1]] if imposed else []) + list(resolver_reasons)
     compilation = resolve_compilation(ascend, effective.name)
     if previous is not None:
         pass  # the engine core's second pass: the front end logged this decision already
@@ -242,7 +278,7 @@ def _decide(
             logging.WARNING,
             f"graph mode {requested} -> {effective.name}: "
             + ("; ".join(reasons) or "unchanged")
-            + f" (same answer: {explain_command(requested, support.name, split, query_len)})",
+            + f" (same answer: {explain_command(resolved, support.name, split, query_len)})",
         )
     else:
         _log_once(logging.INFO, f"graph mode {effective.name}")
@@ -253,11 +289,17 @@ def _decide(
     return GraphDecision(
         requested=requested,
         effective=effective.name,
+        resolved_from=resolved,
         reasons=tuple(reasons),
         attention_support=support.name,
         attention_split=split,
         compilation=compilation,
     )
+
+
+def our_additional_config(vllm_config: VllmConfig) -> dict[str, Any]:
+    """The plugin's keys of ``vllm_config.additional_config`` (without the decision)."""
+    return _our_keys(vllm_config.additional_config)
 
 
 def _our_keys(additional_config: Any) -> dict[str, Any]:
@@ -297,6 +339,7 @@ def graph_decision(vllm_config: VllmConfig) -> GraphDecision | None:
     return GraphDecision(
         requested=data["requested"],
         effective=data["effective"],
+        resolved_from=data["resolved_from"],
         reasons=tuple(data["reasons"]),
         attention_support=data["attention_support"],
         attention_split=bool(data["attention_split"]),

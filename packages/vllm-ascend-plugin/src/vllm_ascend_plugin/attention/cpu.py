@@ -154,3 +154,102 @@ class AscendCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[AscendCPUAttentionMetadataBuilder]:
         return AscendCPUAttentionMetadataBuilder
+
+    # The XliteGraph hooks (vllm_ascend_plugin.xlite_graph): Xlite-layout views of the caches,
+    # and Xlite's metadata from this backend's.
+    @staticmethod
+    def xlite_kv_caches(layers: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return xlite_kv_caches(layers)
+
+    @staticmethod
+    def xlite_step(metadata: CPUAttentionMetadata, positions: torch.Tensor) -> tuple[bool, Any]:
+        return xlite_step(metadata, positions)
+
+
+# -- XliteGraph on the CPU twin -------------------------------------------------------------------
+#
+# With ``xlite_graph_config.enabled`` the reference executor (Xlite's stand-in here) and vLLM's
+# CPU attention share one KV cache: prefills written by vLLM's kernel are read by Xlite's decode
+# steps and the other way round. Xlite reads ``[num_blocks, block_size, kv_heads, head_dim]``
+# caches; vLLM's CPU kernel stores each block's keys as ``[kv_heads, head_dim, block_size]`` and
+# its values as ``[kv_heads, block_size, head_dim]`` (one ``[kv_heads, block_size, 2 *
+# head_dim]`` buffer per block). The Xlite views below are strided views of the same memory;
+# the probe proves the layout on this machine's kernel before anything is served.
+
+_probed_layouts: set[tuple[str, torch.dtype, int, int, int]] = set()
+
+
+def _xlite_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    num_blocks, num_kv_heads, block_size, two_head_dim = kv_cache.shape
+    head_dim = two_head_dim // 2
+    halves = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
+    keys = halves[:, :, 0].view(num_blocks, num_kv_heads, head_dim, block_size)
+    values = halves[:, :, 1].view(num_blocks, num_kv_heads, block_size, head_dim)
+    return keys.permute(0, 3, 1, 2), values.permute(0, 2, 1, 3)
+
+
+def _probe_layout(isa: str, dtype: torch.dtype, kv_heads: int, block: int, head_dim: int) -> None:
+    """Write known keys/values with vLLM's own cache kernel and read them back through the views.
+
+    Raises:
+        RuntimeError: this machine's kernel (its ISA) stores blocks in another layout.
+    """
+    key = (isa, dtype, kv_heads, block, head_dim)
+    if key in _probed_layouts:
+        return
+    cache = torch.zeros(2, kv_heads, block, 2 * head_dim, dtype=dtype)
+    key_cache, value_cache = cache.view(2, kv_heads, block * 2, -1).chunk(2, dim=2)
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(block, kv_heads, head_dim, generator=generator).to(dtype)
+    values = torch.randn(block, kv_heads, head_dim, generator=generator).to(dtype)
+    slots = torch.arange(block, 2 * block)  # every offset of block 1
+    torch.ops._C.cpu_attn_reshape_and_cache(
+        keys, values, key_cache, value_cache, slots, isa, 1.0, 1.0, "auto"
+    )
+    xlite_keys, xlite_values = _xlite_views(cache)
+    if not (torch.equal(xlite_keys[1], keys) and torch.equal(xlite_values[1], values)):
+        raise RuntimeError(
+            f"xlite_graph_config on the CPU twin: vLLM's CPU attention kernel for ISA {isa!r} "
+            f"({dtype}, block_size {block}, head_dim {head_dim}) stores KV blocks in a layout the "
+            "Xlite stand-in does not read (it reads the 'vec' and 'vec16' layouts: keys "
+            "[heads, head_dim, block], values [heads, block, head_dim]); use another dtype or "
+            "block_size, or run without xlite_graph_config"
+        )
+    _probed_layouts.add(key)
+
+
+def xlite_kv_caches(layers: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Xlite-layout ``(keys, values)`` views of the attention layers' caches, in model order.
+
+    Raises:
+        RuntimeError: a layer's cache is quantized or laid out differently (see the probe).
+    """
+    caches = []
+    for layer in layers:
+        kv_cache = layer.kv_cache
+        if layer.kv_cache_dtype != "auto":
+            raise RuntimeError(
+                f"xlite_graph_config on the CPU twin: kv_cache_dtype {layer.kv_cache_dtype!r} is "
+                "not supported; accepted: 'auto' (the model dtype)"
+            )
+        _, kv_heads, block, two_head_dim = kv_cache.shape
+        _probe_layout(layer.isa, kv_cache.dtype, kv_heads, block, two_head_dim // 2)
+        caches.append(_xlite_views(kv_cache))
+    return caches
+
+
+def xlite_step(metadata: CPUAttentionMetadata, positions: torch.Tensor) -> tuple[bool, Any]:
+    """``(is_decode, attn_meta)``: whether the step is a pure decode batch, and Xlite's metadata.
+
+    A decode batch has one new token per request (vLLM's uniform decode; padded requests have
+    none). The metadata's requests are vLLM's, padded ones included: they have zero tokens.
+    """
+    from ascend_xlite_adapter import build_attn_meta, query_lens_from_start_loc
+
+    meta = build_attn_meta(
+        query_lens=query_lens_from_start_loc(metadata.query_start_loc),
+        seq_lens=metadata.seq_lens,
+        block_tables=metadata.block_table,
+        positions=positions,
+    )
+    return metadata.max_query_len == 1, meta

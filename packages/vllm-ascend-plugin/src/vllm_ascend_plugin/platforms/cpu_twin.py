@@ -37,25 +37,19 @@ class CpuTwinPlatform(GraphPlatformMixin, CpuPlatform):
         ag.AttentionSupport.UNIFORM_SINGLE_TOKEN_DECODE
     )
 
-    @classmethod
-    def check_and_update_config(cls, vllm_config: Any) -> None:
-        # Imported here: this module loads while vllm.config is still initialising.
-        from vllm_ascend_plugin.graph_config import SavedGraphConfig, configure_graph_mode
-
-        saved = SavedGraphConfig.take(vllm_config)
-        worker_cls = vllm_config.parallel_config.worker_cls
-        super().check_and_update_config(vllm_config)
-        configure_graph_mode(
-            vllm_config,
-            saved,
-            attention_support=cls._attention_support(vllm_config),
-            native_forwards_for_fusion=True,
-            # A worker class the user chose is kept; CpuPlatform's default becomes ours.
-            worker_cls=_WORKER if worker_cls in ("auto", _WORKER) else None,
-        )
+    graph_worker_cls: ClassVar[str] = _WORKER
+    native_forwards_for_fusion: ClassVar[bool] = True
+    # The adapter's reference executor stands in for Xlite (no xlite._C on a CPU).
+    xlite_native: ClassVar[bool] = False
 
     @classmethod
-    def _attention_support(cls, vllm_config: Any) -> ag.AttentionSupport:
+    def xlite_executor(cls, adapted: Any, vllm_config: Any) -> Any:
+        from ascend_xlite_adapter import ReferenceExecutor
+
+        return ReferenceExecutor(adapted.config, adapted.weights)
+
+    @classmethod
+    def config_attention_support(cls, vllm_config: Any) -> ag.AttentionSupport:
         if _vllm_attention_selected(getattr(vllm_config, "attention_config", None)):
             # vLLM's own CPU attention, as the user asked for it by name: it declares NEVER.
             return ag.AttentionSupport.NEVER

@@ -25,7 +25,6 @@ has one); the config hooks are tested on CPU.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import ascend_aclgraph as ag
@@ -33,7 +32,11 @@ import torch
 from ascend_aclgraph.attention_support import ASCEND_ATTENTION_BACKENDS
 from vllm.platforms.interface import Platform, PlatformEnum
 
-from vllm_ascend_plugin.platforms.common import GraphPlatformMixin
+from vllm_ascend_plugin.platforms.common import (
+    DEFAULT_MAX_CAPTURE_SIZE_CAP,
+    GraphPlatformMixin,
+    default_max_capture_size,
+)
 
 __all__ = [
     "DEFAULT_MAX_CAPTURE_SIZE_CAP",
@@ -43,13 +46,8 @@ __all__ = [
     "default_max_capture_size",
 ]
 
-logger = logging.getLogger(f"vllm.{__name__}")  # shown by vLLM's logging set-up
-
 #: The worker class the platform installs when the user left ``worker_cls`` at ``auto``.
 NPU_WORKER = "vllm_ascend_plugin.worker.npu_worker.NPUWorker"
-
-#: The largest default capture size (vLLM's CUDA default ceiling, which vllm-ascend keeps).
-DEFAULT_MAX_CAPTURE_SIZE_CAP = 512
 
 # vllm-ascend's default attention backend (vllm_ascend.attention.attention_v1) and what its
 # metadata builder declares; the config-time mode resolution narrows the requested mode by it.
@@ -58,28 +56,6 @@ _DEFAULT_ATTENTION_BACKEND = "attention_v1"
 
 class NPUAttentionBackendUnavailableError(NotImplementedError):
     """The NPU platform was asked for an attention backend, and this release has none."""
-
-
-def default_max_capture_size(vllm_config: Any) -> int | None:
-    """vllm-ascend's default ``max_cudagraph_capture_size``, or ``None`` to keep vLLM's choice.
-
-    ``min(max_num_seqs * (1 + num_speculative_tokens), 512)``: vLLM's CUDA default without its
-    trailing ``* 2``, so the largest graph tracks the largest decode batch. ``None`` when the
-    user gave ``max_cudagraph_capture_size`` or ``cudagraph_capture_sizes`` (their sizes stay
-    theirs) or when the scheduler's ``max_num_seqs`` is not known yet.
-    """
-    cc = vllm_config.compilation_config
-    if cc.max_cudagraph_capture_size is not None or cc.cudagraph_capture_sizes is not None:
-        return None
-    scheduler = getattr(vllm_config, "scheduler_config", None)
-    max_num_seqs = getattr(scheduler, "max_num_seqs", None)
-    if max_num_seqs is None:
-        return None
-    query_len = 1
-    spec = getattr(vllm_config, "speculative_config", None)
-    if spec is not None and spec.num_speculative_tokens:
-        query_len += int(spec.num_speculative_tokens)
-    return min(int(max_num_seqs) * query_len, DEFAULT_MAX_CAPTURE_SIZE_CAP)
 
 
 def _npu() -> Any:
@@ -109,37 +85,16 @@ class NPUPlatform(GraphPlatformMixin, Platform):
         _DEFAULT_ATTENTION_BACKEND
     ]
 
-    # ---- config hooks (run on CPU too: tested) ------------------------------------------
+    graph_worker_cls: ClassVar[str] = NPU_WORKER
+    # custom_ops stay as vLLM set them: the CPU twin switches them to their native forwards
+    # when npugraph_ex runs, so that its passes see PyTorch code; on the NPU an op's
+    # forward_oot is where NPU kernels plug in, and that would bypass them.
+    native_forwards_for_fusion: ClassVar[bool] = False
+    xlite_native: ClassVar[bool] = True
 
     @classmethod
-    def apply_config_platform_defaults(cls, vllm_config: Any) -> None:
-        # vLLM calls this early in VllmConfig.__post_init__, before _set_cudagraph_sizes(),
-        # which takes a preset max as the ceiling of its default size list.
-        super().apply_config_platform_defaults(vllm_config)
-        size = default_max_capture_size(vllm_config)
-        if size is not None:
-            vllm_config.compilation_config.max_cudagraph_capture_size = size
-            logger.debug("default max_cudagraph_capture_size for NPU: %d", size)
-
-    @classmethod
-    def check_and_update_config(cls, vllm_config: Any) -> None:
-        # Imported here: this module loads while vllm.config is still initialising.
-        from vllm_ascend_plugin.graph_config import SavedGraphConfig, configure_graph_mode
-
-        saved = SavedGraphConfig.take(vllm_config)
-        worker_cls = vllm_config.parallel_config.worker_cls
-        super().check_and_update_config(vllm_config)
-        configure_graph_mode(
-            vllm_config,
-            saved,
-            attention_support=cls.attention_support,
-            # custom_ops stay as vLLM set them: the CPU twin switches them to their native
-            # forwards when npugraph_ex runs, so that its passes see PyTorch code; on the NPU
-            # an op's forward_oot is where NPU kernels plug in, and that would bypass them.
-            native_forwards_for_fusion=False,
-            # A worker class the user chose is kept; ``auto`` becomes ours.
-            worker_cls=NPU_WORKER if worker_cls in ("auto", NPU_WORKER) else None,
-        )
+    def xlite_executor(cls, adapted: Any, vllm_config: Any) -> Any:
+        return _NativeXliteExecutor(adapted, vllm_config)
 
     @classmethod
     def get_attn_backend_cls(
@@ -220,3 +175,65 @@ class NPUPlatform(GraphPlatformMixin, Platform):
             raise ValueError(
                 f"{cls.get_device_name()} does not support bfloat16: pass dtype='float16'"
             )
+
+
+class _NativeXliteExecutor:
+    """Xlite's native model and runtime behind the executor interface of
+    :mod:`vllm_ascend_plugin.xlite_graph` (vllm-ascend's ``XliteWrapper`` set-up).
+
+    Never run: no machine we test on has an NPU. It follows the calls of Xlite's ``_C.pyi``
+    stub: ``Runtime(devid, size, rank, tp_size, dp_size)``, ``init_tensor_pool`` sized by the
+    model, and ``Model.forward(rt, input, attn_meta, kv_cache, freqs_cis, output, stream)``.
+    """
+
+    def __init__(self, adapted: Any, vllm_config: Any) -> None:
+        from ascend_xlite_adapter import import_xlite, to_native_model
+        from vllm.distributed import get_tensor_model_parallel_world_size, get_world_group
+
+        self._xlite = import_xlite()
+        rank = torch.distributed.get_rank()
+        self.runtime = self._xlite.Runtime(
+            get_world_group().local_rank,
+            0,
+            rank,
+            get_tensor_model_parallel_world_size(),
+            vllm_config.parallel_config.data_parallel_size,
+        )
+        self.model = to_native_model(adapted.config, adapted.weights, self._xlite, rank=rank)
+        pool_mib = self.model.get_tensor_pool_size()
+        if self.runtime.init_tensor_pool(pool_mib) != 0:
+            raise RuntimeError(f"xlite Runtime.init_tensor_pool({pool_mib} MiB) failed")
+
+    def _native(self, attn_meta: Any) -> Any:
+        from ascend_xlite_adapter import to_native_attn_meta
+
+        return to_native_attn_meta(attn_meta, self._xlite)
+
+    def forward(
+        self, input: Any, attn_meta: Any, kv_cache: Any, freqs_cis: Any, output: Any
+    ) -> None:
+        stream = _npu().current_stream().npu_stream
+        self.model.forward(
+            self.runtime, input, self._native(attn_meta), kv_cache, freqs_cis, output, stream
+        )
+
+    def forward_with_inputs_embeds(
+        self,
+        input: Any,
+        attn_meta: Any,
+        kv_cache: Any,
+        freqs_cis: Any,
+        output: Any,
+        deepstack_input: Any = (),
+    ) -> None:
+        stream = _npu().current_stream().npu_stream
+        self.model.forward_with_inputs_embeds(
+            self.runtime,
+            input,
+            self._native(attn_meta),
+            kv_cache,
+            freqs_cis,
+            output,
+            stream,
+            list(deepstack_input),
+        )

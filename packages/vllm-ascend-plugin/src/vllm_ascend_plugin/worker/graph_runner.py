@@ -6,6 +6,9 @@ the same) is:
 
 - ``load_model``: wrap the model in the platform's graph wrapper with runtime mode FULL when
   the effective mode has FULL graphs (piecewise wrappers come from vLLM's compile backend);
+- ``load_model`` also puts the :class:`~vllm_ascend_plugin.xlite_graph.XliteWrapper` around
+  it when ``xlite_graph_config.enabled`` (``initialize_kv_cache`` then binds it to the caches
+  and the attention backend; dummy runs bypass it);
 - ``get_model``: the unwrapped model;
 - ``_check_and_update_cudagraph_mode``: resolve the mode from the attention backends really
   built, through ascend_aclgraph's resolver, and say if it differs from the platform's
@@ -18,6 +21,7 @@ the same) is:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -27,8 +31,10 @@ from vllm.compilation.monitor import set_cudagraph_capturing_enabled
 from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import AttentionCGSupport
 
-from vllm_ascend_plugin.graph_config import graph_decision
+from vllm_ascend_plugin.config import parse_additional_config
+from vllm_ascend_plugin.graph_config import graph_decision, our_additional_config
 from vllm_ascend_plugin.graph_wrapper import ACLGraphWrapper
+from vllm_ascend_plugin.xlite_graph import XliteWrapper
 
 __all__ = ["GraphModelRunnerMixin"]
 
@@ -43,9 +49,11 @@ class GraphModelRunnerMixin:
     vllm_config: Any
     compilation_config: Any
     cudagraph_dispatcher: Any
+    attn_groups: list[list[Any]]
     uniform_decode_query_len: int
 
     _full_wrapper: ACLGraphWrapper | None = None
+    _xlite: XliteWrapper | None = None
     _capture_seconds: float = 0.0
     _resolved_mode: str | None = None
     _resolution_reasons: tuple[str, ...] = ()
@@ -57,10 +65,64 @@ class GraphModelRunnerMixin:
                 self.model, self.vllm_config, runtime_mode=CUDAGraphMode.FULL
             )
             self.model = self._full_wrapper
+        ascend = parse_additional_config(our_additional_config(self.vllm_config))
+        if ascend.xlite_graph_config.enabled:
+            from vllm.platforms import current_platform
+
+            platform: Any = current_platform
+            self._xlite = XliteWrapper(
+                self.model,
+                self.vllm_config,
+                ascend,
+                executor_factory=lambda adapted: platform.xlite_executor(adapted, self.vllm_config),
+            )
+            self.model = self._xlite
 
     def get_model(self) -> Any:
         model = self.model
-        return model.unwrap() if isinstance(model, ACLGraphWrapper) else model
+        while isinstance(model, XliteWrapper | ACLGraphWrapper):
+            model = model.unwrap()
+        return model
+
+    def initialize_kv_cache(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize_kv_cache(*args, **kwargs)  # type: ignore[misc]
+        if self._xlite is not None:
+            self._bind_xlite(self._xlite)
+
+    def _bind_xlite(self, xlite: XliteWrapper) -> None:
+        from vllm.model_executor.layers.attention import Attention
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        backends = {group.backend for groups in self.attn_groups for group in groups}
+        backend = next(iter(backends)) if len(backends) == 1 else None
+        if backend is None or not hasattr(backend, "xlite_step"):
+            names = sorted(b.__name__ for b in backends)
+            raise RuntimeError(
+                f"xlite_graph_config.enabled needs the platform's own attention backend (which "
+                f"shares its KV cache with Xlite); this model runs {names}. Accepted: the "
+                "default attention backend (do not select one by name)"
+            )
+        context = self.compilation_config.static_forward_context
+        layers = sorted(
+            (extract_layer_index(name), layer)
+            for name, layer in context.items()
+            if isinstance(layer, Attention)
+        )
+        xlite.bind_attention(
+            backend.xlite_kv_caches([layer for _, layer in layers]), backend.xlite_step
+        )
+
+    def _dummy_run(self, *args: Any, **kwargs: Any) -> Any:
+        # Memory profiling and graph capture (its warm-ups included, see capture_model) run the
+        # ACLGraph path, never Xlite. Other dummy runs (a data-parallel rank with no requests
+        # stepping with the others) go through Xlite, as vllm-ascend routes them, so that
+        # every rank runs the same path.
+        if self._xlite is not None and (
+            kwargs.get("is_profile") or kwargs.get("is_graph_capturing")
+        ):
+            with self._xlite.bypassed():
+                return super()._dummy_run(*args, **kwargs)  # type: ignore[misc]
+        return super()._dummy_run(*args, **kwargs)  # type: ignore[misc]
 
     def _check_and_update_cudagraph_mode(
         self, attention_backends: list[Any], kv_cache_groups: list[Any], **kwargs: Any
@@ -79,7 +141,7 @@ class GraphModelRunnerMixin:
         if decision is not None and cc.cudagraph_mode != CUDAGraphMode.NONE:
             split = bool(cc.splitting_ops)
             mode, reasons = ag.resolve_graph_mode(
-                decision.requested,
+                decision.resolved_from,
                 weakest.name,
                 attention_is_split=split,
                 uniform_decode_query_len=self.uniform_decode_query_len,
@@ -112,10 +174,12 @@ class GraphModelRunnerMixin:
             return 0
         start = time.perf_counter()
         set_cudagraph_capturing_enabled(True)
+        bypass = self._xlite.bypassed() if self._xlite is not None else contextlib.nullcontext()
         try:
-            for runtime_mode, descriptors in self.cudagraph_dispatcher.get_capture_descs():
-                # Largest first (the dispatcher's order): smaller graphs reuse the pool.
-                self._capture_cudagraphs(descriptors, runtime_mode)  # type: ignore[attr-defined]
+            with bypass:
+                for runtime_mode, descriptors in self.cudagraph_dispatcher.get_capture_descs():
+                    # Largest first (the dispatcher's order): smaller graphs reuse the pool.
+                    self._capture_cudagraphs(descriptors, runtime_mode)  # type: ignore[attr-defined]
         finally:
             set_cudagraph_capturing_enabled(False)
         self._capture_seconds = time.perf_counter() - start
@@ -155,6 +219,7 @@ class GraphModelRunnerMixin:
             "graph_pool_bytes": _pool_bytes(),
             "fusion_reports": list(FUSION_REPORTS),
             "fused_ops_in_full_graphs": _fused_ops(full),
+            "xlite": self._xlite.report() if self._xlite is not None else None,
         }
 
 

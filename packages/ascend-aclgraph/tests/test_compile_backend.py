@@ -327,3 +327,59 @@ def test_grad_mode_with_trainable_parameters_runs_eagerly() -> None:
             assert torch.equal(compiled(torch.ones(3, 4)), expected)
         torch.testing.assert_close(compiled(torch.ones(3, 4)), layer(torch.ones(3, 4)))
     assert compiler.num_graphs == 1
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.w + y, y - 1
+
+
+def test_replays_of_a_captured_size_still_check_every_argument() -> None:
+    # After capture, a size replays its graph straight from the runner's per-size plan (the
+    # batch size comes from the first batched argument): the others, their shapes and dtypes
+    # are still checked, with the same errors as before the capture, and outputs are fresh.
+    model = _TwoInputs()
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=[4], num_warmups=0)
+    compiled = torch.compile(model, backend=compiler, dynamic=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(3):  # capture, then replays
+            x, y = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen)
+            got = compiled(x, y)
+            assert all(torch.equal(g, w) for g, w in zip(got, model(x, y), strict=True))
+        again = compiled(x, y)
+        assert again[0] is not got[0]  # clone_outputs
+        assert torch.equal(again[0], got[0])
+        runner = compiler.runners[-1]
+        assert runner.stats.replays >= 2
+        plan = runner._plans[(3, False)]  # the plan of size 3 replays directly
+        assert plan is not None
+        assert plan.replay is not None
+        roles = [s.role for s in runner.inputs.specs]
+        batched = [i for i, r in enumerate(roles) if r == "batched"]
+        assert len(batched) == 2
+        good: list[object] = [None] * len(roles)
+        for i, role in enumerate(roles):
+            good[i] = 3 if role == "size" else runner.inputs.static[i]
+        good[batched[0]], good[batched[1]] = x, y
+        bad = list(good)
+        bad[batched[1]] = torch.randn(2, 8)
+        with pytest.raises(ag.GraphInputError, match="disagree on the batch size: 3 vs 2"):
+            runner(*bad)
+        bad[batched[1]] = torch.randn(3, 7)
+        with pytest.raises(ag.GraphInputError, match=r"non-batch shape \(8,\)"):
+            runner(*bad)
+        bad[batched[1]] = y.double()
+        with pytest.raises(ag.GraphInputError, match=r"torch\.float64"):
+            runner(*bad)
+        bad[batched[1]] = 1.5
+        with pytest.raises(ag.GraphInputError, match="must be a tensor"):
+            runner(*bad)
+        with pytest.raises(ag.GraphInputError, match="called with"):
+            runner(*good[:-1])
+        out = runner(*good)
+        assert all(torch.equal(g, w) for g, w in zip(out, model(x, y), strict=True))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -98,6 +99,11 @@ def _bake_item_inputs(
                 user.kwargs = dict(torch.fx.node.map_aggregate(user.kwargs, swap))
             graph.erase_node(item)
     return torch.fx.GraphModule(gm, graph), [(i, v) for i, _, v in targets]
+
+
+def _one_of(i: int) -> Callable[[Sequence[Any]], tuple[Any]]:
+    """``operator.itemgetter(i)``, but returning a 1-tuple as itemgetter does for several."""
+    return lambda args: (args[i],)
 
 
 class CompiledGraphRunner:
@@ -182,6 +188,11 @@ class CompiledGraphRunner:
             )
             inner = self.full
         self.runnable = inner
+        baked = [i for i, _ in self.baked]
+        self._baked_values = [value for _, value in self.baked]
+        self._baked_args: Callable[[Sequence[Any]], Sequence[Any]] = (
+            operator.itemgetter(*baked) if len(baked) > 1 else _one_of(baked[0] if baked else 0)
+        )
         self.inputs = StaticBatchInputs(
             example_inputs, layout.inputs, max_size=sizes.max_size, device=backend.device
         )
@@ -245,52 +256,75 @@ class CompiledGraphRunner:
             return None
         return _RunPlan(descriptor.num_tokens, make_graph_context(mode, descriptor))
 
+    def _baked_changed(self, args: Sequence[Any]) -> bool:
+        """Whether a float dynamo passed as a 0-d tensor differs from the value baked in."""
+        return list(map(torch.Tensor.item, self._baked_args(args))) != self._baked_values
+
     def __call__(self, *args: Any) -> Any:
         runnable = self.runnable
         if (
             runnable is None
             or (self._grad_inputs and torch.is_grad_enabled())
-            or (self.baked and any(args[i].item() != value for i, value in self.baked))
+            or (self.baked and self._baked_changed(args))
         ):
             # Graphs are for inference; autograd needs the eager graph.
             return self._eager(args)
         inputs = self.inputs
-        n = inputs.batch_size(args)
-        if n <= 0:
-            return self._eager(args)
+        # The first batched argument's size; fill() checks the others (inside the lock), and
+        # every way out to eager checks them all first.
+        n = inputs.first_batch_size(args)
         key = (n, current_uniform_decode())
         try:
             plan = self._plans[key]
         except KeyError:
-            plan = self._plans[key] = self._plan(*key)
+            plan = self._plans[key] = self._plan(*key) if n > 0 else None
         if plan is None:
+            inputs.batch_size(args)
             if n > self.dispatcher.max_capture_size:
                 self.eager_fallbacks += 1
             return self._eager(args)
         moved = inputs.moved_state(args)
         if moved is not None:
+            inputs.batch_size(args)
             self._say_once("moved", "aclgraph: running eagerly: %s (said once)", moved)
             return self._eager(args)
-        size = plan.size
         with self._lock:
-            inputs.check_host(args)
-            padded = inputs.copy_in(args, n, size)
-            entry = plan.full_entry
-            if entry is not None:
-                # A captured FULL graph: replay it directly. A replay runs no Python that reads
-                # the graph context, and the wrapper would only look the same entry up again.
-                entry.graph.replay()  # type: ignore[union-attr]
+            if inputs.has_host:
+                inputs.check_host(args)
+            replay = plan.replay
+            if replay is not None:
+                # A captured FULL graph: replay it directly, with what the plan worked out at
+                # capture (the input views of this size, the cut outputs). A replay runs no
+                # Python that reads the graph context, and the wrapper would only look the
+                # same entry up again.
+                inputs.fill(args, n, plan.size, plan.views)  # type: ignore[arg-type]
+                replay()
                 self.full.stats.replays += 1  # type: ignore[union-attr]
-                out = entry.output
-            else:
-                token = enter_graph_context(plan.context)
-                try:
-                    out = runnable(*padded)
-                finally:
-                    exit_graph_context(token)
-                plan.full_entry = self._captured_full_entry(plan)
+                if inputs.has_written:
+                    inputs.copy_back(args, n)
+                return plan.result()  # type: ignore[misc]
+            size = plan.size
+            padded = inputs.copy_in(args, n, size)
+            token = enter_graph_context(plan.context)
+            try:
+                out = runnable(*padded)
+            finally:
+                exit_graph_context(token)
             inputs.copy_back(args, n)
-            return self._cut_back(plan, out, n, size)
+            result = self._cut_back(plan, out, n, size)
+            self._arm_replay(plan, n, size)
+            return result
+
+    def _arm_replay(self, plan: _RunPlan, n: int, size: int) -> None:
+        """Once the FULL wrapper holds a captured graph for the plan's descriptor, precompute
+        what its replays need, so that later calls of this size skip the wrapper."""
+        entry = self._captured_full_entry(plan)
+        if entry is None:
+            return
+        cut = self._cut.structure(entry.output, n, size)
+        plan.views = self.inputs.batch_views(n)
+        plan.result = cut.returner(self.options.clone_outputs)
+        plan.replay = entry.graph.replay  # type: ignore[union-attr]
 
     def _captured_full_entry(self, plan: _RunPlan) -> GraphEntry | None:
         full = self.full
@@ -315,7 +349,10 @@ class _RunPlan:
 
     size: int
     context: GraphContext
-    # Set once the FULL wrapper captured this descriptor: later calls replay it directly.
-    full_entry: GraphEntry | None = None
     last_output: Any = None
     cut: CutOutputs | None = None
+    # Set once the FULL wrapper captured this descriptor (_arm_replay): later calls replay the
+    # graph directly, filling ``views`` and returning ``result()``.
+    replay: Callable[[], None] | None = None
+    views: list[torch.Tensor] | None = None
+    result: Callable[[], Any] | None = None

@@ -17,8 +17,9 @@ Which input is which is decided once, by :mod:`ascend_aclgraph.batch_layout`.
 
 from __future__ import annotations
 
+import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -105,6 +106,14 @@ class StaticBatchInputs:
         self._state = [i for i, s in enumerate(self.specs) if s.role == "state"]
         self._host = [i for i, s in enumerate(self.specs) if s.role == "host"]
         self._written = [i for i in self._batched if self.specs[i].written]
+        # (argument index, batch dim) of each batched input: batch_size() runs on every call.
+        self._batch_dims = [
+            (i, dim) for i in self._batched if (dim := self.specs[i].dim) is not None
+        ]
+        self._nargs = len(self.specs)
+        self._first = self._batch_dims[0] if self._batch_dims else None
+        self.has_host = bool(self._host)
+        self.has_written = bool(self._written)
         # A compiled model lifts every parameter and buffer to an input: checking that they are
         # the captured objects must not be a Python loop per call.
         self._state_args = operator.itemgetter(*self._state) if self._state else None
@@ -163,24 +172,36 @@ class StaticBatchInputs:
             raise GraphInputError(
                 f"captured with {len(self.static)} arguments, called with {len(args)}"
             )
-        n = None
-        for i in self._batched:
-            arg, dim = args[i], self.specs[i].dim
-            assert dim is not None
+        n = -1
+        for i, dim in self._batch_dims:
+            arg = args[i]
             if not isinstance(arg, torch.Tensor):
                 raise GraphInputError(
                     f"{_label(i, self.specs[i])} must be a tensor, got {type(arg).__name__}"
                 )
-            if n is None:
-                n = arg.shape[dim]
-            elif arg.shape[dim] != n:
+            m = arg.shape[dim]
+            if n < 0:
+                n = m
+            elif m != n:
                 raise GraphInputError(
-                    f"batched arguments disagree on the batch size: {n} vs {arg.shape[dim]} "
+                    f"batched arguments disagree on the batch size: {n} vs {m} "
                     f"({_label(i, self.specs[i])})"
                 )
-        if n is None:
+        if n < 0:
             raise GraphInputError("no argument has a batch dim")
-        return int(n)
+        return n
+
+    def first_batch_size(self, args: Sequence[Any]) -> int:
+        """The batch size of the first batched argument: :meth:`fill` checks every other one
+        against it (their shapes must be those of the buffer views of that size), and raises
+        what :meth:`batch_size` would. Callers that do not fill call :meth:`batch_size`."""
+        first = self._first
+        if first is not None and len(args) == self._nargs:
+            arg = args[first[0]]
+            if isinstance(arg, torch.Tensor):
+                n: int = arg.shape[first[1]]
+                return n
+        return self.batch_size(args)  # raises, for the reason it gives
 
     def moved_state(self, args: Sequence[Any]) -> str | None:
         """Why this call cannot replay because a state input is not the captured one, or None.
@@ -230,24 +251,40 @@ class StaticBatchInputs:
 
         Callers check :meth:`moved_state` and :meth:`check_host` first.
         """
-        views = self._views(n)
+        self.fill(args, n, size, self._views(n))
+        return self.args_for(size)
+
+    def fill(self, args: Sequence[Any], n: int, size: int, views: Sequence[torch.Tensor]) -> None:
+        """:meth:`copy_in` without building the graph's arguments: ``views`` are
+        ``batch_views(n)`` (a caller that replays a captured graph keeps them per size)."""
         dirty = self._dirty
         for k, i in enumerate(self._batched):
             arg = args[i]
             view = views[k]
-            if arg.dtype != view.dtype or arg.shape != view.shape:
+            if (
+                not isinstance(arg, torch.Tensor)
+                or arg.shape != view.shape
+                or arg.dtype != view.dtype
+            ):
+                self.batch_size(args)  # batched arguments that disagree, or not a tensor
                 self._raise_shape(i, arg)
             view.copy_(arg)
             # Rows [n, dirty[k]) may hold an earlier call's real rows: pad them again. Rows past
             # that still hold padding, unless the graph itself writes this input.
-            if size > n and dirty[k] > n:
-                pad = self.specs[i].pad_value
-                if pad is not None:
-                    self._pad_view(n, min(size, dirty[k]), k).fill_(pad)
-                dirty[k] = n if dirty[k] <= size and not self.specs[i].written else dirty[k]
-            elif n > dirty[k]:
+            d = dirty[k]
+            if d > n:
+                if size > n:
+                    pad = self.specs[i].pad_value
+                    if pad is not None:
+                        self._pad_view(n, min(size, d), k).fill_(pad)
+                    if d <= size and not self.specs[i].written:
+                        dirty[k] = n
+            elif n > d:
                 dirty[k] = n
-        return self.args_for(size)
+
+    def batch_views(self, n: int) -> list[torch.Tensor]:
+        """The first ``n`` rows of each batched input's buffer (made once per ``n``)."""
+        return self._views(n)
 
     def _raise_shape(self, i: int, arg: Any) -> None:
         spec, static = self.specs[i], self.static[i]
@@ -326,6 +363,25 @@ class CutOutputs:
         self.spec = spec
         self.single = spec.is_leaf()
         self.flat_tuple = spec.type is tuple and all(c.is_leaf() for c in spec.children())
+
+    def returner(self, clone: bool) -> Callable[[], Any]:
+        """A function of no arguments doing :meth:`result`, for a caller that hands the same
+        cut outputs over on every call: one tensor is its bound ``clone`` (or the tensor)."""
+        if self.single:
+            t = self.flat[0]
+            if clone and isinstance(t, torch.Tensor):
+                return t.clone
+            return lambda: t
+        flat = self.flat
+        if self.flat_tuple and not clone:
+            same = tuple(flat)
+            return lambda: same
+        if self.flat_tuple and all(isinstance(t, torch.Tensor) for t in flat):
+            if len(flat) == 1:  # dynamo's usual graph: a 1-tuple
+                clone_one = flat[0].clone
+                return lambda: (clone_one(),)
+            return lambda: tuple(map(torch.Tensor.clone, flat))
+        return functools.partial(self.result, clone)
 
     def result(self, clone: bool) -> Any:
         if self.single:

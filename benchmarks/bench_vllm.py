@@ -620,9 +620,11 @@ def main() -> int:
         saved = json.loads(args.render.read_text())
         names = next(iter(saved["results"].values()))
         shown = [v for v in VARIANTS if v.name in names]
-        ran = next(iter(saved["raw"].values()))
-        same = {v.name: _identical_to(v) for v in shown if v.name not in ran}
-        skipped = {name: pair for name, pair in same.items() if pair is not None}
+        skipped = {}
+        for name, row in names.items():
+            if "skipped" in row:  # "not run, = TWIN: reason"
+                twin, reason = row["skipped"].removeprefix("not run, = ").split(": ", 1)
+                skipped[name] = (twin, reason)
         return _report(
             args.out, saved["raw"], shown, skipped, saved["load"], saved.get("total_s", 0.0)
         )

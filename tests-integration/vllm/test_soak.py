@@ -56,9 +56,9 @@ WARMUP_ROUNDS = 3
 DISTINCT = 40
 # Growth allowed for the summed RSS of the server's processes, from the end of the warm-up to the
 # end of the soak: 24 MiB, about 24 KiB per request of the soak. Measured over 1000 requests after
-# the warm-up: 1.2, 5.0 and 7.0 MiB, partly in steps of about 4 MiB (the allocator taking a new
-# block); so the margin is for that noise, and whatever keeps 24 KiB or more per request (a graph
-# captured again, a batch's buffers kept alive) fails the test.
+# the warm-up: 1.2, 5.0 and 7.0 MiB, partly in steps of about 4 MiB (likely the allocator taking a
+# new block); so the margin is for that noise, and whatever keeps 24 KiB or more per request
+# (a graph captured again, a batch's buffers kept alive) fails the test.
 RSS_TOLERANCE_BYTES = 24 * 2**20
 SERVER_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}  # see the module docstring
 MiB = 2**20

@@ -173,3 +173,32 @@ def test_a_number_where_a_tensor_goes_promotes_like_a_scalar() -> None:
     assert run is not None
     run()
     assert torch.equal(out, x + 0.1)
+
+
+@needs_native
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load() -> None:
+    # A build killed mid-way leaves cpp_extension's lock file; without the flock that proves
+    # nobody holds it, every later load waited on it forever. A fresh process loads with a
+    # leftover lock in place, within a timeout.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    module = native.load()
+    build_dir = Path(module.__file__).parent
+    stale = build_dir / "lock"
+    stale.write_text("")
+    code = (
+        "from ascend_aclgraph.twin import native\n"
+        "assert native.load() is not None\n"
+        "print('loaded')\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        stale.unlink(missing_ok=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded" in result.stdout
+    assert "left by a native replay build that was killed" in result.stderr

@@ -17,10 +17,16 @@ The extension is built on first use with ``torch.utils.cpp_extension`` (a C++ co
 ninja needed; ~30 s on two cores) into ``$TORCH_EXTENSIONS_DIR``, once per source, torch and Python
 version. If ``ASCEND_ACLGRAPH_NO_NATIVE_REPLAY=1`` is set, or the build fails, the generated
 Python function replays (the build failure warns once).
+
+Concurrent builders (tensor-parallel ranks, parallel test workers) serialise on an ``flock``
+of the build directory, which the kernel drops when its holder dies. cpp_extension's own lock
+is a file that stays behind when a build is killed, and every later load waits for it forever;
+under our flock nobody else can be building, so a leftover one is stale and is removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -29,7 +35,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +120,13 @@ def _build() -> Any:
                 "and Python version; ~30 s)"
             )
         start = time.perf_counter()
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O2"],
-            verbose=False,
-        )
+        with _exclusive_build(built.parent):
+            module = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=["-O2"],
+                verbose=False,
+            )
         log.info("ascend_aclgraph: native replay loop ready in %.1fs", time.perf_counter() - start)
     except Exception as exc:  # no compiler or ninja, a failed build: replay in Python
         warnings.warn(
@@ -131,6 +138,31 @@ def _build() -> Any:
         )
         return False
     return module
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold the build directory's ``flock``; clear cpp_extension's lock a dead build left."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: cpp_extension's own lock only
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "ascend_aclgraph.flock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"  # torch.utils.file_baton.FileBaton's file
+            if stale.exists():
+                log.warning(
+                    "ascend_aclgraph: removing %s, left by a native replay build that was "
+                    "killed (it would make every later build wait forever)",
+                    stale,
+                )
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def native_replay(items: Sequence[OpRecord | Any]) -> Callable[[], None] | None:

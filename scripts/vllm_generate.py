@@ -11,7 +11,10 @@ The spec (a JSON object): ``model`` (a checkpoint directory), ``mode`` (a cudagr
 or ``"eager"`` for ``enforce_eager=True``), and optionally ``prompts``, ``max_tokens``,
 ``capture_sizes``, ``max_num_seqs``, ``additional_config``, ``attention_backend``,
 ``dtype`` and the parallel settings ``tensor_parallel_size``, ``data_parallel_size`` and
-``distributed_executor_backend`` (vLLM's engine arguments of those names). The last stdout line is
+``distributed_executor_backend`` (vLLM's engine arguments of those names), and
+``kv_state_out``: a path where the KV-cache blocks the generation wrote are saved (per layer, the
+ids of the blocks holding any non-zero value and their contents, ``torch.save``), so a test can
+compare the state a graph mode writes with eager's. The last stdout line is
 ``RESULT {...}``: the greedy token ids per prompt, start-up seconds (``LLM()`` to ready), the
 time to first token and ms per output token of a single-request run, and the worker's
 ``graph_report``. A failure to start prints ``ERROR {"type": ..., "message": ...}`` and exits 1.
@@ -61,9 +64,25 @@ def _engine_args(spec: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def written_kv_blocks(worker: Any) -> list[tuple[list[int], list[Any]]]:
+    """Run in the worker (``collective_rpc``): per layer, the written blocks and their values.
+
+    vLLM allocates KV caches zeroed, so a block with a non-zero value is one a step wrote. The
+    values travel as nested lists (exact for float32).
+    """
+    out = []
+    for cache in worker.model_runner.kv_caches:
+        used = cache.flatten(1).ne(0).any(dim=1).nonzero().flatten()
+        out.append((used.tolist(), cache[used].tolist()))
+    return out
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if "kv_state_out" in spec:
+        # collective_rpc with a function (written_kv_blocks) pickles it to the workers.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -76,6 +95,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     # Counters of this batch alone, before the latency runs below add their own.
     reports = llm.collective_rpc("graph_report")
+    if "kv_state_out" in spec:
+        import torch
+
+        torch.save(llm.collective_rpc(written_kv_blocks), spec["kv_state_out"])
 
     # Latency of one request alone: the first token (prefill) and the decode steps after it.
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

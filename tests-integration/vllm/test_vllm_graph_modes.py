@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kv_state import max_kv_difference
 
 pytest.importorskip(
     "vllm",
@@ -26,6 +27,9 @@ pytest.importorskip(
 ROOT = Path(__file__).resolve().parents[2]
 GENERATE = ROOT / "scripts" / "vllm_generate.py"
 SIZES = [1, 2, 4, 8]
+# KV values reach ~7 in magnitude; graphs replay vLLM's own kernels, and npugraph_ex's fused
+# kernels sum in their own order (FULL / FULL_DECODE_ONLY). A stale or missed write is O(1).
+KV_ATOL = 1e-4
 MAX_NUM_SEQS = 8
 
 
@@ -55,8 +59,11 @@ def _generate(model: Path, mode: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def eager(tiny_model: Path) -> dict[str, Any]:
-    return _generate(tiny_model, "eager")
+def eager(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    kv_out = tmp_path_factory.mktemp("kv") / "eager.pt"
+    result = _generate(tiny_model, "eager", kv_state_out=str(kv_out))
+    result["kv_state"] = kv_out
+    return result
 
 
 def _decode_steps(tokens: list[list[int]]) -> int:
@@ -92,10 +99,15 @@ def test_eager_baseline_is_prompt_dependent(eager: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("mode", list(EXPECTED))
 def test_mode_matches_eager_and_runs_its_graphs(
-    tiny_model: Path, eager: dict[str, Any], mode: str
+    tiny_model: Path, eager: dict[str, Any], mode: str, tmp_path: Path
 ) -> None:
-    result = _generate(tiny_model, mode)
+    kv_out = tmp_path / "kv.pt"
+    result = _generate(tiny_model, mode, kv_state_out=str(kv_out))
     assert result["tokens"] == eager["tokens"], f"{mode} differs from eager"
+    # The state the graphs wrote: every KV-cache block eager wrote, and nothing else.
+    kv_difference = max_kv_difference(eager["kv_state"], kv_out)
+    print(f"{mode}: max |KV difference| vs eager: {kv_difference:.3g}")
+    assert kv_difference <= KV_ATOL, f"{mode}: KV cache differs from eager's by {kv_difference:.3g}"
     (report,) = result["reports"]
     effective, full, piecewise, npugraph_ex = EXPECTED[mode]
     assert report["requested"] == mode
@@ -185,8 +197,9 @@ def test_narrowing_is_logged_with_the_explain_command_that_agrees(tiny_model: Pa
         ),
         ({"no_such_key": 1}, "additional_config.no_such_key = 1: unknown key"),
         (
-            {"xlite_graph_config": {"enabled": True}},
-            "additional_config.xlite_graph_config.enabled",
+            {"xlite_graph_config": {"full_mode": True}},
+            "additional_config.xlite_graph_config.full_mode = True: full_mode configures the "
+            "XliteGraph path, but enabled is False",
         ),
     ],
 )

@@ -96,20 +96,19 @@ class GraphModelRunnerMixin:
         backends = {group.backend for groups in self.attn_groups for group in groups}
         backend = next(iter(backends)) if len(backends) == 1 else None
         if backend is None or not hasattr(backend, "xlite_step"):
-            names = sorted(b.__name__ for b in backends)
+            built = sorted(b.__name__ for b in backends)
             raise RuntimeError(
                 f"xlite_graph_config.enabled needs the platform's own attention backend (which "
-                f"shares its KV cache with Xlite); this model runs {names}. Accepted: the "
+                f"shares its KV cache with Xlite); this model runs {built}. Accepted: the "
                 "default attention backend (do not select one by name)"
             )
         context = self.compilation_config.static_forward_context
-        layers = sorted(
-            (extract_layer_index(name), layer)
-            for name, layer in context.items()
-            if isinstance(layer, Attention)
+        names = sorted(
+            (name for name, layer in context.items() if isinstance(layer, Attention)),
+            key=extract_layer_index,
         )
         xlite.bind_attention(
-            backend.xlite_kv_caches([layer for _, layer in layers]), backend.xlite_step
+            backend.xlite_kv_caches([context[name] for name in names]), backend.xlite_step
         )
 
     def _dummy_run(self, *args: Any, **kwargs: Any) -> Any:

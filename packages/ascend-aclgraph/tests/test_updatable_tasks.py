@@ -460,3 +460,41 @@ def test_declaring_an_unknown_host_argument_names_the_real_ones() -> None:
         ag.declare_host_tensor_arguments(
             torch.ops.aclgraph_test.planned_scale_out.default, "scheduler_metadata"
         )
+
+
+def _clamp_graph(direct: bool):  # type: ignore[no-untyped-def]
+    backend = ag.get_backend("cpu")
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    graph = backend.new_graph(backend.new_pool())
+    with backend.capture(graph):
+        y = x * 2.0
+        out = torch.empty_like(y)
+        ag.updatable(torch.ops.aten.clamp.out, y, -0.5, 0.5, out=out)
+        z = out + 1.0
+        graph.declare_outputs([z])
+    segment = graph.tasks[0].handle
+    if not direct:
+        segment._direct = None  # force the recorder path, for comparison
+    return graph, x, z, segment
+
+
+def test_a_cpp_kernel_task_updates_directly_as_the_recorder_would() -> None:
+    # A task whose segment is its C++ kernel writing its out= argument: the update runs the op
+    # and swaps the arguments into its record, without re-recording (vLLM's attention case).
+    graph, x, z, segment = _clamp_graph(direct=True)
+    assert segment._direct is not None
+    assert segment._direct.func == torch.ops.aten.clamp.out
+    slow_graph, _, slow_z, slow_segment = _clamp_graph(direct=False)
+    assert slow_segment._direct is None
+    for low, high in ((-0.5, 0.5), (-1.0, 0.25), (0.0, 3.0), (-2.0, -1.0)):
+        for g in (graph, slow_graph):
+            g.tasks[0].update(min=low, max=high)
+            g.replay()
+        expected = torch.clamp(x * 2.0, low, high) + 1.0
+        assert torch.equal(z, expected)
+        assert torch.equal(slow_z, expected)
+        # Replays without an update keep the last update's arguments.
+        graph.replay()
+        assert torch.equal(z, expected)
+        assert graph.tasks[0].current("min") == low
+    assert segment._direct.args[1:] == (-2.0, -1.0)

@@ -20,6 +20,12 @@ capture, and must keep their shapes and dtypes. An update that breaks this, or w
 syncs with the host, is refused with a :class:`~ascend_aclgraph.errors.TaskUpdateError`; the
 task keeps the arguments and the segment of its last successful update.
 
+A task whose segment is the op itself (a C++ kernel) writing only its arguments needs none of
+the recording machinery to update: its body is the kernel, which cannot read Python host state
+or sync, and its writes are its schema's. Such an update runs the op directly and swaps the new
+arguments into the segment's one record (the same layout checks apply): vLLM's attention
+kernels are such tasks, updated at every step of every layer.
+
 The memory plan keeps a task's arguments and results, and whatever its ops read at capture,
 alive at the task's step. A tensor that the body reaches only through a global, and reads at an
 update but did not at capture, is taken as it is: should it be a temporary of the same graph,
@@ -29,6 +35,7 @@ any capture, which the plan never touches).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +59,17 @@ def _layout(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and _layout(a) == _layout(b)
+
+
+def _writes_the_same(record: OpRecord, written: list[torch.Tensor]) -> bool:
+    """Whether a call writing ``written`` writes exactly the buffers ``record``'s call wrote.
+
+    Then the op's results are the captured ones (they are those buffers) and an update can
+    skip the recorder; otherwise it records, and lands its results with recorded copies.
+    """
+    return len(written) == len(record.written) and all(
+        _same_memory(a, b) for a, b in zip(written, record.written, strict=True)
+    )
 
 
 class TaskSegment:
@@ -89,6 +107,9 @@ class TaskSegment:
         self.run: Callable[[], None] = self._not_installed
         self._replay: Callable[[], None] = self._not_installed
         self._staged: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        # The installed segment's one record when it is the op itself writing its arguments
+        # in place (see the module docstring): updates then skip the recorder.
+        self._direct: OpRecord | None = None
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """The graph tensors the segment holds: its arguments and the captured results."""
@@ -109,6 +130,14 @@ class TaskSegment:
     def install(self, records: Sequence[OpRecord]) -> None:
         """Replay ``records`` (the capture's, after memory planning) from now on."""
         self._set(list(records))
+        (only,) = records if len(records) == 1 else (None,)
+        if (
+            only is not None
+            and only.func == self.op
+            and not only.fresh
+            and all(any(_same_memory(t, w) for w in only.written) for t in self.targets)
+        ):
+            self._direct = only
 
     def stage(self, changes: Mapping[str, Any]) -> None:
         """Record the task again with ``changes`` when the replay next reaches it.
@@ -135,7 +164,11 @@ class TaskSegment:
         self._staged = None
         self.run = self._replay  # if recording fails, the last segment stands
         try:
-            records = self._record(args, kwargs)
+            direct = self._direct
+            if direct is not None and _writes_the_same(direct, written_args(self.op, args, kwargs)):
+                records = [self._run_direct(direct, args, kwargs)]
+            else:
+                records = self._record(args, kwargs)
         except (CaptureError, TaskUpdateError) as exc:
             # Refused, so not pending any more: the next replay runs the last segment.
             self.task.pending.clear()
@@ -145,7 +178,44 @@ class TaskSegment:
             ) from exc
         self.args, self.kwargs = args, kwargs
         self._set([rec for rec in records if rec.computes()])
+        if self._direct is not None:
+            # The recorder may have replaced the op's call (landing copies into the captured
+            # results): only a segment that is still the op alone stays direct.
+            one = records[0] if len(records) == 1 else None
+            self._direct = one if one is not None and one.func == self.op else None
         self.task._applied()
+
+    def _run_direct(
+        self, captured: OpRecord, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> OpRecord:
+        """Run the op with ``args`` outside any recorder; the record that replays that call."""
+        written = written_args(self.op, args, kwargs)
+        before = [_layout(t) for t in written]
+        result = self.op(*args, **kwargs)
+        self._check_written_in_place(written, before)
+        outputs = list(iter_tensors(result))
+        self._land(outputs)
+        return dataclasses.replace(
+            captured,
+            args=args,
+            kwargs=kwargs,
+            outputs=outputs,
+            written=written,
+        )
+
+    @staticmethod
+    def _check_written_in_place(
+        written: list[torch.Tensor],
+        before: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
+        for i, (t, layout) in enumerate(zip(written, before, strict=True)):
+            if _layout(t) != layout:
+                raise TaskUpdateError(
+                    f"written tensor {i} of the op moved or changed shape (storage "
+                    f"{layout[0]:#x}+{layout[1]} {layout[2]} before the body ran, "
+                    f"{_layout(t)[0]:#x}+{t.storage_offset()} {tuple(t.shape)} after): the "
+                    "graph reads the captured buffers, so a task must write them in place"
+                )
 
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[OpRecord]:
         """Run the op with ``args`` under a new recorder, its result landing in the targets."""
@@ -154,14 +224,7 @@ class TaskSegment:
         recorder = Recorder()
         with host_sync_methods_refused(), recorder:
             result, _ = recorder.run_task(self.op, args, kwargs, self.task.describe())
-            for i, (t, layout) in enumerate(zip(written, before, strict=True)):
-                if _layout(t) != layout:
-                    raise TaskUpdateError(
-                        f"written tensor {i} of the op moved or changed shape (storage "
-                        f"{layout[0]:#x}+{layout[1]} {layout[2]} before the body ran, "
-                        f"{_layout(t)[0]:#x}+{t.storage_offset()} {tuple(t.shape)} after): the "
-                        "graph reads the captured buffers, so a task must write them in place"
-                    )
+            self._check_written_in_place(written, before)
             self._land(list(iter_tensors(result)))
         check_untracked_writes(recorder.records, self.targets)
         return recorder.records

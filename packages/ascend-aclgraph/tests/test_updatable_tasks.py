@@ -498,3 +498,34 @@ def test_a_cpp_kernel_task_updates_directly_as_the_recorder_would() -> None:
         assert torch.equal(z, expected)
         assert graph.tasks[0].current("min") == low
     assert segment._direct.args[1:] == (-2.0, -1.0)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "recorder"])
+def test_an_update_that_resizes_a_written_buffer_is_refused_and_the_last_one_stands(
+    direct: bool,
+) -> None:
+    # arange.out resizes its out= buffer to the range's length: the graph's later ops read the
+    # captured buffer, so an update that changes that length must be refused, on both paths.
+    backend = ag.get_backend("cpu")
+    graph = backend.new_graph(backend.new_pool())
+    buf = torch.empty(64)
+    with backend.capture(graph):
+        ag.updatable(torch.ops.aten.arange.start_out, 0, 64, 1, out=buf)
+        z = buf * 2.0
+        graph.declare_outputs([z])
+    segment = graph.tasks[0].handle
+    assert segment._direct is not None
+    if not direct:
+        segment._direct = None
+    graph.tasks[0].update(start=1, end=65)
+    graph.replay()
+    expected = torch.arange(1.0, 65.0) * 2.0
+    assert torch.equal(z, expected)
+    graph.tasks[0].update(end=32)  # 31 values from start=1
+    with pytest.raises(
+        ag.TaskUpdateError, match=r"written tensor 0 of the op moved or changed shape .*\(31,\)"
+    ):
+        graph.replay()
+    graph.replay()  # the last accepted update's arguments
+    assert torch.equal(z, expected)
+    assert graph.tasks[0].current("end") == 65

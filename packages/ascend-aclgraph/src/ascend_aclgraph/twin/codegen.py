@@ -283,6 +283,22 @@ def generate_replay(items: Sequence[OpRecord | Any]) -> tuple[Callable[[], None]
     return _compile(source, namer, "replay"), source
 
 
+def segment_replay(records: Sequence[OpRecord]) -> Callable[[], None]:
+    """The function that replays one task segment's ``records``.
+
+    A segment of one call that needs no copies afterwards (an updated task's own kernel
+    writing its arguments, as vLLM's attention does at every step) is that call with its
+    arguments bound: the same call the generated line would make, without generating and
+    binding source at every update. Anything else is :func:`generate_segment`'s function.
+    """
+    if len(records) == 1:
+        (rec,) = records
+        func, kwargs, copies = replay_form(rec)
+        if not copies:
+            return functools.partial(fast_binding(func, rec.args, kwargs), *rec.args, **kwargs)
+    return generate_segment(records)[0]
+
+
 def generate_segment(records: Sequence[OpRecord]) -> tuple[Callable[[], None], str]:
     """Compile the ops of one task segment; the graph's replay function calls the result.
 

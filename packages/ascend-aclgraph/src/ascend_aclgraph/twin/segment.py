@@ -172,10 +172,11 @@ class TaskSegment:
         self.run = self._replay  # if recording fails, the last segment stands
         try:
             direct = self._direct
-            if direct is not None and _writes_the_same(direct, written_args(self.op, args, kwargs)):
-                records = [self._run_direct(direct, args, kwargs)]
+            written = written_args(self.op, args, kwargs)
+            if direct is not None and _writes_the_same(direct, written):
+                records = [self._run_direct(direct, args, kwargs, written)]
             else:
-                records = self._record(args, kwargs)
+                records = self._record(args, kwargs, written)
         except (CaptureError, TaskUpdateError) as exc:
             # Refused, so not pending any more: the next replay runs the last segment.
             self.task.pending.clear()
@@ -193,10 +194,14 @@ class TaskSegment:
         self.task._applied()
 
     def _run_direct(
-        self, captured: OpRecord, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        captured: OpRecord,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        written: list[torch.Tensor],
     ) -> OpRecord:
-        """Run the op with ``args`` outside any recorder; the record that replays that call."""
-        written = written_args(self.op, args, kwargs)
+        """Run the op with ``args`` (writing ``written``) outside any recorder; the record that
+        replays that call."""
         before = [_layout(t) for t in written]
         result = self.op(*args, **kwargs)
         self._check_written_in_place(written, before)
@@ -224,9 +229,11 @@ class TaskSegment:
                     "must write them in place"
                 )
 
-    def _record(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[OpRecord]:
-        """Run the op with ``args`` under a new recorder, its result landing in the targets."""
-        written = written_args(self.op, args, kwargs)
+    def _record(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], written: list[torch.Tensor]
+    ) -> list[OpRecord]:
+        """Run the op with ``args`` (writing ``written``) under a new recorder, its result
+        landing in the targets."""
         before = [_layout(t) for t in written]
         recorder = Recorder()
         with host_sync_methods_refused(), recorder:

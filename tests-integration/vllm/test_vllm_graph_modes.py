@@ -141,6 +141,59 @@ def test_mode_matches_eager_and_runs_its_graphs(
         assert all(n == 0 for n in report["fused_ops_in_full_graphs"].values())
 
 
+# Five requests decoding together: every decode step is a batch of 5, which no capture size
+# fits, so each FULL replay runs the graph captured for 8 with 3 padding rows.
+PADDED_PROMPTS = [
+    "def main():",
+    "import os\nimport sys\n\nclass Config(object):\n    def __init__(self, path):",
+    "hello",
+    "for i in range(10):\n    total = total + i * i\nprint(total)",
+    "while True:\n    line = input()",
+]
+PADDED_MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def eager_padded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    kv_out = tmp_path_factory.mktemp("kv") / "eager_padded.pt"
+    result = _generate(
+        tiny_model,
+        "eager",
+        prompts=PADDED_PROMPTS,
+        max_tokens=PADDED_MAX_TOKENS,
+        kv_state_out=str(kv_out),
+    )
+    result["kv_state"] = kv_out
+    return result
+
+
+@pytest.mark.parametrize("mode", ["FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"])
+def test_padded_decode_batches_write_eagers_kv_state(
+    tiny_model: Path, eager_padded: dict[str, Any], mode: str, tmp_path: Path
+) -> None:
+    # No request may end early, or later steps would decode fewer than 5 (4 fits exactly).
+    assert all(len(t) == PADDED_MAX_TOKENS for t in eager_padded["tokens"]), [
+        len(t) for t in eager_padded["tokens"]
+    ]
+    kv_out = tmp_path / "kv.pt"
+    result = _generate(
+        tiny_model,
+        mode,
+        prompts=PADDED_PROMPTS,
+        max_tokens=PADDED_MAX_TOKENS,
+        kv_state_out=str(kv_out),
+    )
+    assert result["tokens"] == eager_padded["tokens"], f"{mode} differs from eager"
+    (report,) = result["reports"]
+    # Every decode step (a batch of 5) replayed the FULL graph of size 8.
+    assert [8, 8, True] in report["full_descriptors"]
+    assert report["full_replays"] == PADDED_MAX_TOKENS - 1
+    # The padding rows must write nothing eager did not: the same blocks, the same values.
+    kv_difference = max_kv_difference(eager_padded["kv_state"], kv_out)
+    print(f"{mode}, batch 5 padded to 8: max |KV difference| vs eager: {kv_difference:.3g}")
+    assert kv_difference <= KV_ATOL, f"{mode}: KV cache differs from eager's by {kv_difference:.3g}"
+
+
 def test_full_graphs_need_the_attention_updates(tiny_model: Path, eager: dict[str, Any]) -> None:
     # Without the per-replay update, every FULL replay attends with the capture's scheduler
     # metadata (dummy sequence lengths): decode tokens go wrong. With it (the test above) they

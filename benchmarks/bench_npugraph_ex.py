@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import statistics
 import sys
 import time
@@ -155,16 +156,32 @@ def _round_robin(
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def _copy_floor(args: tuple[Any, ...], outputs: Any, dtype: torch.dtype) -> Callable[[], Any]:
-    """``dst.copy_(src)`` moving as many bytes as the op reads and writes (inputs and outputs
-    once each): the time a kernel that reads and writes memory once cannot beat."""
+def _copy_buffers(
+    args: tuple[Any, ...], outputs: Any, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dst, src) for ``dst.copy_(src)`` moving as many bytes as the op reads and writes (inputs
+    and outputs once each): the time a kernel that reads and writes memory once cannot beat."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     tensors += list(outputs) if isinstance(outputs, tuple) else [outputs]
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     numel = nbytes // 2 // torch.empty((), dtype=dtype).element_size()
     src = torch.randn(numel).to(dtype)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
+    return torch.empty_like(src), src
+
+
+def _native_call(op: torch._ops.OpOverload, args: tuple[Any, ...]) -> Callable[[], Any] | None:
+    """One call of ``op`` made from C++ through the dispatcher, its result dropped: how the cpu
+    twin's native replay calls each op of a FULL graph, with no Python per call. None where
+    ascend_aclgraph's replay extension is not built here."""
+    from ascend_aclgraph.twin import native
+
+    module = native.load()
+    if module is None:
+        return None
+    replay = module.NativeReplay()
+    replay.add_op(op._schema.name, op._schema.overload_name, args, {}, [])
+    run: Callable[[], Any] = replay.run
+    return run
 
 
 def keep_freed_memory() -> bool:
@@ -194,8 +211,9 @@ _STREAMING = ("rms_norm", "add_rms_norm", "swiglu")
 
 def op_table(
     tokens: int, iters: int, dtype: torch.dtype, decode: bool, clock: Callable[[], int]
-) -> list[tuple[str, float, float, float]]:
-    """(op, fused us, unfused us, copy floor us) per fused op on CPU: Qwen3-like hidden 1024,
+) -> list[tuple[str, float, float, float, float, float]]:
+    """(op, fused us, unfused us, copy floor us, fused us and copy us called from C++) per fused
+    op on CPU: Qwen3-like hidden 1024,
     16 q / 8 kv heads of 128, intermediate 3072; ``tokens`` rows (batch x 1 at decode, one
     sequence at prefill)."""
     from ascend_npugraph_ex.ops import reference as ref
@@ -226,16 +244,28 @@ def op_table(
     with torch.no_grad():
         for name, (args, unfused) in cases.items():
             op = nx.fused_op(name)  # the OpOverload, as an FX graph calls it
-            t = _round_robin(
-                {
-                    "fused": lambda op=op, args=args: op(*args),
-                    "unfused": lambda unfused=unfused, args=args: unfused(*args),
-                    "copy": _copy_floor(args, op(*args), dtype),
-                },
-                iters,
-                clock,
+            dst, src = _copy_buffers(args, op(*args), dtype)
+            variants: dict[str, Callable[[], Any]] = {
+                "fused": lambda op=op, args=args: op(*args),
+                "unfused": lambda unfused=unfused, args=args: unfused(*args),
+                "copy": lambda dst=dst, src=src: dst.copy_(src),
+            }
+            fused_cpp = _native_call(op, args)
+            copy_cpp = _native_call(torch.ops.aten.copy_.default, (dst, src))
+            if fused_cpp is not None and copy_cpp is not None:
+                variants["fused C++"], variants["copy C++"] = fused_cpp, copy_cpp
+            t = _round_robin(variants, iters, clock)
+            nan = float("nan")
+            rows.append(
+                (
+                    name,
+                    t["fused"],
+                    t["unfused"],
+                    t["copy"],
+                    t.get("fused C++", nan),
+                    t.get("copy C++", nan),
+                )
             )
-            rows.append((name, t["fused"], t["unfused"], t["copy"]))
     return rows
 
 
@@ -257,6 +287,8 @@ def print_op_table(
         f"median us per call ({clock_name}; decode {iters} samples, prefill "
         f"{max(iters // 20, 20)}). copy: dst.copy_(src) of the bytes the op reads and writes; "
         "* marks the ops that read and write memory once, whose floor that copy is. "
+        "C++: the op and the copy called from C++ through the dispatcher, as a FULL graph's "
+        "native replay calls them (no Python per call; n/a where that extension is not built). "
         + (
             "glibc malloc keeps freed memory (see keep_freed_memory; --malloc-defaults not to):"
             if kept
@@ -265,19 +297,22 @@ def print_op_table(
     )
     print(
         f"  {'op':14}{'size':>16}{'dtype':>10}{'fused':>10}{'unfused':>10}{'speedup':>9}"
-        f"{'copy':>9}{'vs copy':>9}"
+        f"{'copy':>9}{'vs copy':>9}{'C++ op':>9}{'C++ copy':>10}{'vs copy':>9}"
     )
     for label, tokens, n, decode in (
         (f"decode {decode_tokens}x1", decode_tokens, iters, True),
         (f"prefill {prefill_tokens}", prefill_tokens, max(iters // 20, 20), False),
     ):
         for dtype in (torch.float32, torch.bfloat16):
-            for name, fused, unfused, copy in op_table(tokens, n, dtype, decode, clock):
+            for name, fused, unfused, copy, fused_cpp, copy_cpp in op_table(
+                tokens, n, dtype, decode, clock
+            ):
                 dt = str(dtype).removeprefix("torch.")
                 mark = "*" if name in _STREAMING else " "
                 print(
                     f"  {name + mark:14}{label:>16}{dt:>10}{fused:10.1f}{unfused:10.1f}"
                     f"{unfused / fused:8.2f}x{copy:9.1f}{fused / copy:8.2f}x"
+                    f"{fused_cpp:9.1f}{copy_cpp:10.1f}{fused_cpp / copy_cpp:8.2f}x"
                 )
     # What a call costs before any data moves: at decode sizes most of the gap to the copy.
     small, w8, dst = torch.randn(8), torch.ones(8), torch.empty(8)
@@ -289,6 +324,38 @@ def print_op_table(
         f"  call floor (8 elements): fused op {t['op']:.1f} us, Tensor.copy_ {t['copy']:.1f} us "
         "(a custom op called from Python parses its schema and allocates its output)"
     )
+    # What arithmetic costs ATen itself, against a copy of the bytes it moves: one bf16 multiply
+    # rounds once (the bf16 norms round twice per element, as the unfused ops do), silu is one
+    # exp per element (swiglu's, the same SLEEF exp, so that fused equals unfused bitwise). Where
+    # these are well above 1x, arithmetic, not memory, is the floor of the fused op too.
+    print(f"  ATen's own ops, prefill {prefill_tokens} rows, against a copy of their bytes:")
+    for name, width in (("a * b", 1024), ("silu(a)", 3072)):
+        for dtype in (torch.float32, torch.bfloat16):
+            op_us, copy = _aten_op_vs_copy(
+                name, prefill_tokens, width, dtype, max(iters // 20, 20), clock
+            )
+            print(
+                f"    {name:8} x {width:<5}{str(dtype)[6:]:>9}: {op_us:7.1f} us, "
+                f"{op_us / copy:.2f}x the copy"
+            )
+
+
+def _aten_op_vs_copy(
+    name: str, tokens: int, width: int, dtype: torch.dtype, iters: int, clock: Callable[[], int]
+) -> tuple[float, float]:
+    """Median us of ATen's ``a * b`` or ``silu(a)`` (into a preallocated output) and of a copy
+    of the bytes it reads and writes."""
+    a, b = torch.randn(tokens, width).to(dtype), torch.randn(tokens, width).to(dtype)
+    out = torch.empty_like(a)
+    if name == "a * b":
+        inputs: tuple[torch.Tensor, ...] = (a, b)
+        run = functools.partial(torch.mul, a, b, out=out)
+    else:
+        inputs = (a,)
+        run = functools.partial(torch._C._nn.silu, a, out=out)
+    dst, src = _copy_buffers(inputs, out, dtype)
+    t = _round_robin({"op": run, "copy": functools.partial(dst.copy_, src)}, iters, clock)
+    return t["op"], t["copy"]
 
 
 def cuda_bandwidth(rows: int, hidden: int) -> dict[str, float]:

@@ -324,6 +324,34 @@ def test_compiled_state_tensor_at_a_new_address_runs_eagerly_and_says_so_once(
     assert caplog.text.count("must keep their address") == 1
 
 
+def test_without_dynamos_module_guards_a_replaced_parameter_still_runs_eagerly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PyTorch's guard_filter_fn may drop the guards on module attributes (the docs show it):
+    the runner's own address check still keeps a replay off a replaced parameter."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(5, 2)
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=[4], num_warmups=0)
+    compiled = torch.compile(
+        model,
+        backend=compiler,
+        dynamic=True,
+        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+    )
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="ascend_aclgraph"):
+        for _ in range(2):  # capture, then replay
+            x = torch.randn(3, 5, generator=gen)
+            torch.testing.assert_close(compiled(x), model(x))
+        assert compiler.stats.replays == 1
+        model.weight = torch.nn.Parameter(torch.randn(2, 5, generator=gen))
+        for _ in range(2):
+            x = torch.randn(3, 5, generator=gen)
+            torch.testing.assert_close(compiled(x), x @ model.weight.T + model.bias)
+        assert compiler.stats.replays == 1  # the captured weight is not the model's any more
+    assert caplog.text.count("must keep their address") == 1
+
+
 def test_padding_rows_are_refilled_after_a_larger_batch_left_real_rows_there() -> None:
     step = ag.capture(lambda a: a + 0, (torch.zeros(8),), batch_sizes=[4, 8], pad_value=-1)
     static = step._inputs.static[0]

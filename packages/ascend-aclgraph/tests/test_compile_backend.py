@@ -222,6 +222,30 @@ def test_changed_float_attribute_runs_eagerly_instead_of_replaying_a_stale_const
     assert runner.stats.replays == 0
 
 
+def test_specialized_floats_are_graph_constants_and_a_changed_one_recompiles() -> None:
+    """With torch._dynamo.config.specialize_float (docs/graph-modes.md), eps is a constant of
+    the graph, not a 0-d tensor input: nothing is baked per call, and a changed value is dynamo's
+    guard failure, so a new graph is compiled and captured rather than a stale one replayed."""
+    torch._dynamo.reset()
+    model = Qwen3Decoder(Qwen3Config.small())
+    compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, num_warmups=0, pad_value=PAD)
+    compiled = torch.compile(model, backend=compiler, dynamic=True)
+    gen = torch.Generator().manual_seed(4)
+    with torch._dynamo.config.patch(specialize_float=True):
+        for n in (2, 3):  # capture at 4, then replay
+            _check_against_padded_eager(model, compiled, _decode_batch(n, gen), 4, True)
+        (runner,) = compiler.runners
+        assert not runner.baked, "no float reaches the graph as a tensor"
+        assert runner.stats.replays == 1
+        model.norm.variance_epsilon = 1e-3
+        for n in (2, 3):
+            _check_against_padded_eager(model, compiled, _decode_batch(n, gen), 4, True)
+    assert len(compiler.runners) == 2, "the new eps is a new graph"
+    assert compiler.runners[1].eager_calls == 0
+    assert compiler.stats.captures == 2
+    assert compiler.stats.replays == 2
+
+
 def test_non_batch_dynamic_dim_runs_eagerly_with_a_warning() -> None:
     def f(x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1)

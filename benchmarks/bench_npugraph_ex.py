@@ -169,7 +169,9 @@ def _copy_buffers(
     return torch.empty_like(src), src
 
 
-def _native_call(op: torch._ops.OpOverload, args: tuple[Any, ...]) -> Callable[[], Any] | None:
+def _native_call(
+    op: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> Callable[[], Any] | None:
     """One call of ``op`` made from C++ through the dispatcher, its result dropped: how the cpu
     twin's native replay calls each op of a FULL graph, with no Python per call. None where
     ascend_aclgraph's replay extension is not built here."""
@@ -179,7 +181,7 @@ def _native_call(op: torch._ops.OpOverload, args: tuple[Any, ...]) -> Callable[[
     if module is None:
         return None
     replay = module.NativeReplay()
-    replay.add_op(op._schema.name, op._schema.overload_name, args, {}, [])
+    replay.add_op(op._schema.name, op._schema.overload_name, args, kwargs or {}, [])
     run: Callable[[], Any] = replay.run
     return run
 
@@ -328,33 +330,35 @@ def print_op_table(
     # rounds once (the bf16 norms round twice per element, as the unfused ops do), silu is one
     # exp per element (swiglu's, the same SLEEF exp, so that fused equals unfused bitwise). Where
     # these are well above 1x, arithmetic, not memory, is the floor of the fused op too.
-    print(f"  ATen's own ops, prefill {prefill_tokens} rows, against a copy of their bytes:")
-    for name, width in (("a * b", 1024), ("silu(a)", 3072)):
-        for dtype in (torch.float32, torch.bfloat16):
-            op_us, copy = _aten_op_vs_copy(
-                name, prefill_tokens, width, dtype, max(iters // 20, 20), clock
-            )
-            print(
-                f"    {name:8} x {width:<5}{str(dtype)[6:]:>9}: {op_us:7.1f} us, "
-                f"{op_us / copy:.2f}x the copy"
-            )
+    native = _native_call(torch.ops.aten.copy_.default, (torch.zeros(1), torch.zeros(1)))
+    how = "called from C++" if native is not None else "called from Python"
+    print(f"  ATen's own ops into a preallocated output, {how}, against a copy of their bytes:")
+    for label, tokens, n in (
+        (f"decode {decode_tokens}x1", decode_tokens, iters),
+        (f"prefill {prefill_tokens}", prefill_tokens, max(iters // 20, 20)),
+    ):
+        for name, width in (("a * b", 1024), ("silu(a)", 3072)):
+            for dtype in (torch.float32, torch.bfloat16):
+                op_us, copy = _aten_op_vs_copy(name, tokens, width, dtype, n, clock)
+                print(
+                    f"    {name:8} {label:>12} x {width:<5}{str(dtype)[6:]:>9}: {op_us:7.1f} us, "
+                    f"{op_us / copy:.2f}x the copy"
+                )
 
 
 def _aten_op_vs_copy(
     name: str, tokens: int, width: int, dtype: torch.dtype, iters: int, clock: Callable[[], int]
 ) -> tuple[float, float]:
-    """Median us of ATen's ``a * b`` or ``silu(a)`` (into a preallocated output) and of a copy
-    of the bytes it reads and writes."""
+    """Median us of ATen's ``a * b`` or ``silu(a)`` into a preallocated output, and of a copy of
+    the bytes it reads and writes; both called from C++ where the replay extension is built."""
     a, b = torch.randn(tokens, width).to(dtype), torch.randn(tokens, width).to(dtype)
     out = torch.empty_like(a)
-    if name == "a * b":
-        inputs: tuple[torch.Tensor, ...] = (a, b)
-        run = functools.partial(torch.mul, a, b, out=out)
-    else:
-        inputs = (a,)
-        run = functools.partial(torch._C._nn.silu, a, out=out)
+    aten = torch.ops.aten
+    op, inputs = (aten.mul.out, (a, b)) if name == "a * b" else (aten.silu.out, (a,))
     dst, src = _copy_buffers(inputs, out, dtype)
-    t = _round_robin({"op": run, "copy": functools.partial(dst.copy_, src)}, iters, clock)
+    run = _native_call(op, inputs, {"out": out}) or functools.partial(op, *inputs, out=out)
+    copy = _native_call(aten.copy_.default, (dst, src)) or functools.partial(dst.copy_, src)
+    t = _round_robin({"op": run, "copy": copy}, iters, clock)
     return t["op"], t["copy"]
 
 

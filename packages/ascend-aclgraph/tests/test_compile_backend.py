@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import tomllib
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import ascend_aclgraph as ag
 import pytest
 import torch
+from ascend_aclgraph import compile_runner
 from ascend_aclgraph.testing import Qwen3Config, Qwen3Decoder
 
 SIZES = [1, 4, 8]
@@ -244,6 +246,29 @@ def test_specialized_floats_are_graph_constants_and_a_changed_one_recompiles() -
     assert compiler.runners[1].eager_calls == 0
     assert compiler.stats.captures == 2
     assert compiler.stats.replays == 2
+
+
+def test_floats_passed_as_tensors_bring_a_hint_to_specialize_them_said_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compile_runner, "_hinted_specialize_float", False)
+    gen = torch.Generator().manual_seed(4)
+    with caplog.at_level(logging.INFO, logger="ascend_aclgraph"):
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(specialize_float=True):
+            model = Qwen3Decoder(Qwen3Config.small())
+            compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, pad_value=PAD)
+            compiled = torch.compile(model, backend=compiler, dynamic=True)
+            _check_against_padded_eager(model, compiled, _decode_batch(2, gen), 4, True)
+        assert "specialize_float" not in caplog.text  # no float reached the graph
+        for _ in range(2):  # two compiles, each with nine floats as tensors
+            torch._dynamo.reset()
+            model = Qwen3Decoder(Qwen3Config.small())
+            compiler = ag.make_compile_backend(mode="FULL", batch_sizes=SIZES, pad_value=PAD)
+            compiled = torch.compile(model, backend=compiler, dynamic=True)
+            _check_against_padded_eager(model, compiled, _decode_batch(2, gen), 4, True)
+            assert compiler.runners[0].baked
+    assert caplog.text.count("torch._dynamo.config.specialize_float = True") == 1
 
 
 def test_non_batch_dynamic_dim_runs_eagerly_with_a_warning() -> None:

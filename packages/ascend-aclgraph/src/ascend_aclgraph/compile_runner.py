@@ -68,6 +68,23 @@ __all__ = ["CompiledGraphRunner"]
 
 logger = logging.getLogger(__name__)
 
+_hinted_specialize_float = False
+
+
+def _hint_specialize_float(count: int) -> None:
+    """Say once per process, at INFO, how to spare every call the floats' conversion and check."""
+    global _hinted_specialize_float
+    if _hinted_specialize_float:
+        return
+    _hinted_specialize_float = True
+    logger.info(
+        "aclgraph: dynamo passes %d Python float(s) to this graph as 0-d tensors; the captured "
+        "graphs bake them in, and every call converts them and checks that they did not change. "
+        "torch._dynamo.config.specialize_float = True makes them constants of the graph instead "
+        "(a changed value then compiles a new graph): same graphs, less work per call (said once)",
+        count,
+    )
+
 
 def _bake_item_inputs(
     gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
@@ -170,6 +187,8 @@ class CompiledGraphRunner:
             captured = captured_gm
             for i, _ in self.baked:
                 layout.inputs[i] = replace(layout.inputs[i], role="baked")
+            if self.baked:
+                _hint_specialize_float(len(self.baked))
         inner: Callable[..., Any] = captured
         if self.mode.has_piecewise_graphs():
             if not isinstance(captured, torch.fx.GraphModule):

@@ -3,7 +3,9 @@
 Runs ``torch.compile(model, backend=aclgraph)`` per mode on the cpu twin (or ``--backend``),
 for uniform decode batches (one token per request) and mixed prefill+decode batches, next to
 ``ascend_aclgraph.capture`` of the same model and FULL through :class:`GuardFreeModule` (compiled
-once, then dispatched without dynamo's guards). It reports the median step time, the number of
+once, then dispatched without dynamo's guards), FULL with PyTorch's own per-call savings
+(specialized floats, then module guards off too) and dynamo's frame with a backend that does
+nothing (what dynamo alone costs per call). It reports the median step time, the number of
 captured graphs and the capture time; then the per-call overhead of each runner on a trivial
 graph (raw replay as the floor) and the twin's replay cost per recorded op. Timings are taken on
 one thread (the CI machines have two noisy cores), all variants round-robin in one run: compare
@@ -96,7 +98,7 @@ def run(cfg_name: str, cfg: Qwen3Config, n: int, iters: int, backend: str) -> li
             elif mode == "dynamo frame alone":
                 variants[mode] = (torch.compile(model, backend=_no_op, dynamic=True), None)
             else:
-                compiler = ag.make_compile_backend(
+                compiler = ag.make_compile_backend(  # "FULL, ..." rows are FULL
                     mode=mode.split(",")[0], batch_sizes=SIZES, backend=backend, pad_value=PAD
                 )
                 options = (

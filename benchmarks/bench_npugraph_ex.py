@@ -3,7 +3,10 @@
 Prints a table and saves a plot under --out. CPU timings are medians over repeated runs, taken
 on however many threads the caller allows (the nox session pins 1 thread and says so). The
 per-op table also prints each op's copy floor: a dst.copy_(src) moving the bytes the op reads
-and writes, the floor of a kernel that reads and writes memory once.
+and writes, the floor of a kernel that reads and writes memory once; then the op and that copy
+again, each called from C++ through the dispatcher as a FULL graph's native replay calls them
+(without Python's per-call cost, which dominates at decode sizes); then ATen's own a * b and
+silu against a copy of their bytes: the arithmetic floor where that, not memory, bounds an op.
 On a CUDA GPU it also measures fused add_rms_norm bandwidth against a device copy and the step
 time against torch.compile(mode="reduce-overhead").
 """

@@ -160,11 +160,13 @@ def _same_layout(out: Any, replaces: Sequence[fx.Node | None]) -> bool:
 class FusionRewrite:
     """Replaces matched subgraphs with fused op calls, one candidate at a time, all or nothing.
 
-    The fused node goes right after the latest of its inputs; every outside user of a replaced
-    value must come after that point, otherwise the match is declined (the graph stays valid
-    without a re-sort). Helper nodes a candidate needs (a view moved in front of the fused op, a
-    host read of a scalar) are inserted with :meth:`insert` and removed again unless
-    :meth:`apply` commits the candidate.
+    The fused node goes right after the latest of its inputs. An outside user of a replaced
+    value that comes before that point (vLLM views q's RoPE output before k's input exists) is
+    moved after the fused op, with whatever depends on it up to that point, when none of them
+    feeds the fused op's inputs or has side effects; otherwise the match is declined. The graph
+    stays in a valid order without a re-sort. Helper nodes a candidate needs (a view moved in
+    front of the fused op, a host read of a scalar) are inserted with :meth:`insert` and removed
+    again unless :meth:`apply` commits the candidate.
 
     Args:
         graph: the graph to rewrite.
@@ -266,6 +268,49 @@ class FusionRewrite:
         self._pending.clear()
         self.refresh()
 
+    def _movable(
+        self, early: list[fx.Node], inputs: list[fx.Node], pos: int, erase: set[fx.Node]
+    ) -> list[fx.Node] | str:
+        """The nodes to move after the fused op for ``early`` users (graph order), or why not.
+
+        They are the early users and everything up to position ``pos`` that depends on them.
+        None may be an ancestor of the fused op's inputs (it would need its own output) or have
+        side effects (moving a write past a read of the same memory changes what is read).
+        """
+        if not early:
+            return []
+        start = min(self._order[u] for u in early)
+        moved: set[fx.Node] = set()
+        todo = list(early)
+        while todo:
+            node = todo.pop()
+            if node in moved:
+                continue
+            moved.add(node)
+            todo += [u for u in node.users if self._order[u] <= pos and u not in erase]
+        needed: set[fx.Node] = set()
+        todo = list(inputs)
+        while todo:
+            node = todo.pop()
+            if node in needed or self._order[node] < start:
+                continue
+            needed.add(node)
+            todo += node.all_input_nodes
+        first = min(early, key=lambda n: self._order[n])
+        if moved & needed:
+            clash = min(moved & needed, key=lambda n: self._order[n])
+            return (
+                f"{first.name} uses a replaced value before the fused op's inputs are all "
+                f"available, and {clash.name}, which depends on it, feeds those inputs"
+            )
+        impure = [n for n in moved if n.op != "call_function" or n.is_impure()]
+        if impure:
+            return (
+                f"{first.name} uses a replaced value before the fused op's inputs are all "
+                f"available, and {impure[0].name} after it cannot be moved (side effects)"
+            )
+        return sorted(moved, key=lambda n: self._order[n])
+
     def apply(
         self,
         target: Any,
@@ -285,15 +330,16 @@ class FusionRewrite:
         anchor = self.anchor(inputs)
         pos = self._order[anchor]
         erase_set = set(erase)
-        for old in replaces:
-            if old is None:
-                continue
-            for user in old.users:
-                if user not in erase_set and self._order[user] <= pos:
-                    return self.decline(
-                        f"{user.name} uses {old.name} before the fused op's inputs "
-                        f"(after {anchor.name}) are all available"
-                    )
+        early = [
+            user
+            for old in replaces
+            if old is not None
+            for user in old.users
+            if user not in erase_set and self._order[user] <= pos
+        ]
+        moved = self._movable(early, inputs, pos, erase_set)
+        if isinstance(moved, str):
+            return self.decline(moved)
         fake_out = _fake_call(target, args)
         if fake_out is None:
             return self.decline("an input has no fake value to trace the fused op with")
@@ -320,6 +366,10 @@ class FusionRewrite:
             if "val" in old.meta:
                 new.meta["val"] = old.meta["val"]
             old.replace_all_uses_with(new)
+        cursor = outputs[-1]
+        for node in moved:
+            cursor.append(node)  # moves it: right after the fused op's outputs, in order
+            cursor = node
         # Erase in reverse topological order so each node is dead when its turn comes.
         for node in sorted(erase_set, key=lambda n: self._order[n], reverse=True):
             if not node.users:

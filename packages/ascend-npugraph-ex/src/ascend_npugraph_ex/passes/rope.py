@@ -4,6 +4,17 @@ HF's ``apply_rotary_pos_emb`` traces, per tensor, to::
 
     add(mul(x, cos), mul(cat([neg(slice(x, -1, d/2, end)), slice(x, -1, 0, d/2)], -1), sin))
 
+vLLM's ``RotaryEmbedding.forward_native`` (neox style, what vLLM traces when its custom ops are
+off) rotates each half of ``x`` with half-width ``cos``/``sin`` instead::
+
+    x1, x2 = split(x, d/2, -1)
+    cat([sub(mul(x1, cos), mul(x2, sin)), add(mul(x2, cos), mul(x1, sin))], -1)
+
+which is the same arithmetic, element by element, as the full-width form with ``cat([cos, cos])``
+and ``cat([sin, sin])`` (the fused op is fed those), since ``a - b`` and ``a + (-b)`` are one
+IEEE operation. vLLM then concatenates the rotated part with the part past ``rotary_dim``; when
+that part is empty (``rotary_dim == head_size``, Qwen3 and Llama) that copy goes too.
+
 The q and k RoPEs of one attention become one ``npugraph_ex.rotary(q, k, cos, sin)``. They are
 paired by data flow, not by their order in the graph: a pair uses the same ``cos`` and ``sin``
 nodes (so the same positions), neither feeds the other (every later layer depends on the earlier
@@ -19,7 +30,9 @@ eps becomes ``qk_norm_rope(view(q), view(k), ...)``, where ``view`` is any chain
 permutes, views and copies (``clone``) *that keeps the normalised dim last*: the norm is over
 the last dim, so such a chain commutes with it and moves in front of it; one that moves the
 normalised dim (a transpose of the last dim, a view that splits or merges it) does not, and the
-candidate is declined. Different
+candidate is declined. Consecutive views are one row-major reshape and are judged together:
+vLLM's Qwen3 attention views the normalised ``[T, heads, head_dim]`` back to ``[T, heads *
+head_dim]`` and its RoPE views that to ``[T, heads, head_dim]`` again. Different
 eps on q and k, eps values only known at run time from two different inputs, a dtype mismatch, or
 an intermediate used elsewhere leave the graph alone too.
 """
@@ -30,7 +43,9 @@ import itertools
 import operator
 from dataclasses import dataclass
 
+import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ascend_npugraph_ex.ops import fused_op
 from ascend_npugraph_ex.passes.fx_utils import (
@@ -42,6 +57,7 @@ from ascend_npugraph_ex.passes.fx_utils import (
     is_call,
     last_dim,
     same_sizes,
+    users_within,
 )
 from ascend_npugraph_ex.passes.norm import same_eps
 
@@ -55,6 +71,30 @@ class _Rope:
     sin: fx.Node
     out: fx.Node
     internal: list[fx.Node]
+    # vLLM's form: cos and sin are half the width of x; the fused op gets cat([cos, cos], -1).
+    half: bool = False
+
+
+def _table_source(node: fx.Node) -> fx.Node:
+    """``node`` without the unsqueezes that broadcast it (each RoPE unsqueezes its own copy)."""
+    while is_call(node, aten.unsqueeze.default) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _same_tables(a: _Rope, b: _Rope) -> bool:
+    """Whether two RoPEs read the same cos and sin, as the same broadcast view of one table."""
+    if a.half != b.half:
+        return False
+    for x, y in ((a.cos, b.cos), (a.sin, b.sin)):
+        if x is y:
+            continue
+        vx, vy = fake_val(x), fake_val(y)
+        if _table_source(x) is not _table_source(y) or vx is None or vy is None:
+            return False
+        if not same_sizes(vx.shape, vy.shape):
+            return False
+    return True
 
 
 def _operands(mul: object, x: fx.Node) -> fx.Node | None:
@@ -133,6 +173,115 @@ def _match_rope(add: fx.Node) -> _Rope | None:
     return None
 
 
+def _split_half(node: object) -> tuple[fx.Node, int] | None:
+    """``(split, index)`` if ``node`` is ``getitem(split(x, size, dim), index)``."""
+    if not is_call(node, operator.getitem):
+        return None
+    split, index = node.args
+    if not is_call(split, aten.split.Tensor) or split.kwargs or not isinstance(index, int):
+        return None
+    return split, index
+
+
+def _mul_of(mul: object, x: fx.Node, other: fx.Node) -> bool:
+    """Whether ``mul`` is ``x * other`` (either order)."""
+    return isinstance(mul, fx.Node) and _operands(mul, x) is other
+
+
+def _broadcasts_over(table: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``table`` broadcasts over ``x``'s leading dims without enlarging any."""
+    if table.dim() != x.dim():
+        return False
+    return all(
+        statically_known_true(t == 1) or statically_known_true(t == s)
+        for t, s in zip(table.shape[:-1], x.shape[:-1], strict=True)
+    )
+
+
+def _match_half_rope(cat: fx.Node) -> _Rope | None:
+    """vLLM's neox-style native RoPE ending at ``cat`` (module doc), or None."""
+    if not is_call(cat, aten.cat.default) or cat.kwargs:
+        return None
+    parts = cat.args[0]
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        return None
+    o1, o2 = parts
+    if not (is_call(o1, aten.sub.Tensor) and is_call(o2, aten.add.Tensor)):
+        return None
+    if o1.kwargs or o2.kwargs or len(o1.args) != 2 or len(o2.args) != 2:
+        return None
+    x1_cos, x2_sin = o1.args
+    if not (is_call(x1_cos, aten.mul.Tensor) and is_call(x2_sin, aten.mul.Tensor)):
+        return None
+    x1 = next((a for a in x1_cos.args if (h := _split_half(a)) is not None and h[1] == 0), None)
+    if not isinstance(x1, fx.Node):
+        return None
+    split = x1.args[0]
+    x2 = next((a for a in x2_sin.args if _split_half(a) == (split, 1)), None)
+    cos, sin = _operands(x1_cos, x1), None
+    if not isinstance(x2, fx.Node) or cos is None:
+        return None
+    sin = _operands(x2_sin, x2)
+    if sin is None:
+        return None
+    m1, m2 = o2.args
+    if not (
+        (_mul_of(m1, x2, cos) and _mul_of(m2, x1, sin))
+        or (_mul_of(m2, x2, cos) and _mul_of(m1, x1, sin))
+    ):
+        return None
+    assert isinstance(split, fx.Node)
+    assert isinstance(m1, fx.Node)
+    assert isinstance(m2, fx.Node)
+    src, size = split.args[0], split.args[1]
+    dim = split.args[2] if len(split.args) > 2 else 0
+    vx, vc, vs, vo = fake_val(src), fake_val(cos), fake_val(sin), fake_val(cat)
+    if not isinstance(src, fx.Node) or vx is None or vc is None or vs is None or vo is None:
+        return None
+    d = vx.shape[-1]
+    cat_dim = cat.args[1] if len(cat.args) > 1 else 0
+    if not isinstance(d, int) or d % 2 or size != d // 2 or not last_dim(dim, vx.dim()):
+        return None
+    if not last_dim(cat_dim, vx.dim()) or len(split.users) != 2:
+        return None
+    if not (vx.dtype == vc.dtype == vs.dtype == vo.dtype) or not same_sizes(vo.shape, vx.shape):
+        return None
+    if vc.shape[-1] != d // 2 or not same_sizes(vs.shape, vc.shape):
+        return None
+    if not _broadcasts_over(vc, vx):
+        return None
+    internal = [cat, o1, o2, x1_cos, x2_sin, m1, m2, x1, x2, split]
+    if any(not users_within(n, internal) for n in internal[1:]):
+        return None
+    x, out = src, cat
+    # x[..., :rotary_dim] with rotary_dim == d traces to an alias of x.
+    if is_call(src, aten.alias.default) and len(src.users) == 1:
+        aliased = src.args[0]
+        if isinstance(aliased, fx.Node):
+            x = aliased
+            internal.append(src)
+    # vLLM's cat((rotated, x[..., rotary_dim:]), -1): with nothing past rotary_dim, a copy.
+    outer = next(iter(cat.users)) if len(cat.users) == 1 else None
+    if is_call(outer, aten.cat.default) and not outer.kwargs:
+        rest = outer.args[0]
+        if isinstance(rest, (list, tuple)) and len(rest) == 2 and rest[0] is cat:
+            tail, v_tail = rest[1], fake_val(rest[1])
+            outer_dim = outer.args[1] if len(outer.args) > 1 else 0
+            if (
+                isinstance(tail, fx.Node)
+                and v_tail is not None
+                and last_dim(outer_dim, v_tail.dim())
+                and statically_known_true(v_tail.shape[-1] == 0)
+                and len(tail.users) == 1
+            ):
+                internal += [outer, tail]
+                out = outer
+    # The per-RoPE unsqueezes of cos and sin die with it (erased only once unused).
+    internal += [n for n in (cos, sin) if is_call(n, aten.unsqueeze.default)]
+    internal.remove(out)
+    return _Rope(x, cos, sin, out, internal, half=True)
+
+
 def _pair_by_data_flow(graph: fx.Graph, ropes: list[_Rope]) -> list[tuple[_Rope, _Rope | None]]:
     """Group ``ropes`` (graph order) into q/k pairs of one attention, and singles (module doc).
 
@@ -150,7 +299,7 @@ def _pair_by_data_flow(graph: fx.Graph, ropes: list[_Rope]) -> list[tuple[_Rope,
 
     def pairable(i: int, j: int) -> bool:
         a, b = ropes[i], ropes[j]
-        if a.cos is not b.cos or a.sin is not b.sin:
+        if not _same_tables(a, b):
             return False
         return not (reach[b.x] >> i & 1 or reach[a.x] >> j & 1)
 
@@ -185,7 +334,9 @@ def _pair_by_data_flow(graph: fx.Graph, ropes: list[_Rope]) -> list[tuple[_Rope,
 
 def fuse_rotary(graph: fx.Graph, skipped: list[SkippedMatch] | None = None) -> int:
     """Fuse q/k RoPE pairs (and lone RoPEs) into ``npugraph_ex.rotary``; returns the count."""
-    ropes = [m for node in graph.nodes if (m := _match_rope(node)) is not None]
+    ropes = [
+        m for node in graph.nodes if (m := _match_rope(node) or _match_half_rope(node)) is not None
+    ]
     rewrite = FusionRewrite(graph, "rotary", skipped)
     op = fused_op("rotary")
     count = 0
@@ -193,7 +344,7 @@ def fuse_rotary(graph: fx.Graph, skipped: list[SkippedMatch] | None = None) -> i
         paired = False
         if k is not None:
             with rewrite.candidate(q.out):
-                args = (q.x, k.x, q.cos, q.sin)
+                args = (q.x, k.x, *_full_width(rewrite, q))
                 erase = [q.out, k.out, *q.internal, *k.internal]
                 paired = rewrite.apply(op, args, [q.out, k.out], erase)
         if paired:
@@ -203,10 +354,19 @@ def fuse_rotary(graph: fx.Graph, skipped: list[SkippedMatch] | None = None) -> i
         # each RoPE on its own still saves its launches.
         for rope in (q,) if k is None else (q, k):
             with rewrite.candidate(rope.out):
-                args = (rope.x, rope.x, rope.cos, rope.sin)
+                args = (rope.x, rope.x, *_full_width(rewrite, rope))
                 if rewrite.apply(op, args, [rope.out, None], [rope.out, *rope.internal]):
                     count += 1
     return count
+
+
+def _full_width(rewrite: FusionRewrite, rope: _Rope) -> tuple[fx.Node, fx.Node]:
+    """The fused op's cos and sin: the RoPE's own, or, for vLLM's half-width ones, each twice."""
+    if not rope.half:
+        return rope.cos, rope.sin
+    cos = rewrite.insert(aten.cat.default, ([rope.cos, rope.cos], -1))
+    sin = rewrite.insert(aten.cat.default, ([rope.sin, rope.sin], -1))
+    return cos, sin
 
 
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
@@ -263,11 +423,19 @@ def _norm_chain(node: object) -> tuple[fx.Node, list[fx.Node]] | str | None:
         return None
     chain.reverse()  # norm-side first
     src = node
-    for view in chain:
-        reason = _keeps_last_dim(view, src)
+    i = 0
+    while i < len(chain):
+        # A run of consecutive views is one row-major reshape: judge it from its source to its
+        # end (a split of the last dim that a later view undoes keeps every row whole).
+        end = i
+        if is_call(chain[i], *_VIEWS):
+            while end + 1 < len(chain) and is_call(chain[end + 1], *_VIEWS):
+                end += 1
+        reason = _keeps_last_dim(chain[end], src)
         if reason is not None:
             return reason
-        src = view
+        src = chain[end]
+        i = end + 1
     for n in (node, *chain):
         if len(n.users) != 1:
             return f"{n.name}, between the norm and the RoPE, is used elsewhere"

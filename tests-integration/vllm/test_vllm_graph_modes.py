@@ -130,7 +130,10 @@ def test_mode_matches_eager_and_runs_its_graphs(
         assert report["npugraph_ex"]
         assert fused
         assert all(r["fused_ops"] > 0 for r in fused)
-        assert fused[0]["counts"]["add_rms_norm"] > 0
+        # vLLM's Qwen3 graph (custom ops off, native forwards) has every pattern: each fires,
+        # the RoPE in vLLM's own half-width form included.
+        assert all(n > 0 for n in fused[0]["counts"].values()), fused[0]["counts"]
+        assert set(fused[0]["counts"]) >= {"add_rms_norm", "rotary", "qk_norm_rope"}
         counts = report["fused_ops_in_full_graphs"]
         assert set(counts) == {str(d[0]) for d in full}
         assert all(n > 0 for n in counts.values()), counts

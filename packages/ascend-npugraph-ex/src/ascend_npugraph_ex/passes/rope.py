@@ -218,11 +218,10 @@ def _match_half_rope(cat: fx.Node) -> _Rope | None:
         return None
     split = x1.args[0]
     x2 = next((a for a in x2_sin.args if _split_half(a) == (split, 1)), None)
-    cos, sin = _operands(x1_cos, x1), None
-    if not isinstance(x2, fx.Node) or cos is None:
+    if not isinstance(x2, fx.Node):
         return None
-    sin = _operands(x2_sin, x2)
-    if sin is None:
+    cos, sin = _operands(x1_cos, x1), _operands(x2_sin, x2)
+    if cos is None or sin is None:
         return None
     m1, m2 = o2.args
     if not (
